@@ -1,0 +1,812 @@
+"""prime-mini: PRIME (Process Reinforcement through IMplicit REwards) on one machine.
+
+Cui et al., 2025, arXiv 2502.01456. Online RL for reasoning with dense token rewards from an
+*implicit* process reward model (PRM) trained online from outcome labels only. Algorithm 1:
+
+    for each step:
+      1. sample K responses per prompt from the policy π_θ               (rollout)
+      2. score each with the outcome verifier r_o                          (verify)
+      3. keep prompts whose accuracy is in [0.2, 0.8]; refill the batch    (filter)
+      4. token rewards r_φ(y_t) = β log π_φ(y_t)/π_ref(y_t)                (implicit PRM)
+      5. update the PRM π_φ with cross-entropy on r_o                      (PRM update)
+      6. RLOO advantages from process and outcome rewards                  (advantages)
+      7. PPO-clip update of the policy                                     (policy update)
+
+One frozen base (the SFT model) carries two LoRA adapters: `policy` (π_θ) and `prm` (π_φ). The
+base with adapters disabled is the reference π_ref. Both adapters start at zero, so at step 0
+π_θ = π_φ = π_ref and every process reward is exactly 0, as in the paper (§5.1).
+
+Run:  python prime_mini.py                 # tiny model, embedded task, CPU, a few minutes
+      python prime_mini.py --help          # every Config field as a flag
+
+Paper symbol → variable → Config field
+    π_θ (policy)              adapter "policy"        lora_r, lr_policy
+    π_φ (implicit PRM)        adapter "prm"           prm_lora_r, lr_prm
+    π_ref (reference)         adapters disabled       ref_type
+    K                         K                       K
+    β                         beta                    beta
+    r_o                       r_o                     (verifiers.py)
+    q_t = log π_φ/π_ref       q                       prime_norm, process_coef
+    A_t                       A                       adv_estimator, gamma_process, gamma_outcome
+    ε (PPO clip)              eps_clip                eps_clip
+
+Departures from the paper's code [O], each a documented option (see Config and README):
+    1. LoRA adapters on one frozen base instead of three full models (spec §14); LoRA needs larger
+       learning rates than the paper's 5e-7 / 1e-6 full fine-tuning rates.
+    2. `process_coef` and `prm_warmup`: defaults 1 and 0 are [O]; the tiny default may change them.
+    3. Whatever the tiny default changes from [O] is listed in the README's "Defaults" table,
+       with `--faithful` restoring [O]'s algorithmic choices in one flag.
+"""
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+import prm
+import rl
+import verifiers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: the one source of truth. Every field's trailing comment is its --help text.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    # run
+    seed: int = 0  # RL seed (sampling, data order); the SFT model has its own sft_seed
+    out_dir: str = "runs"  # run directories are created under this folder
+    run_name: str = ""  # run directory name; default: <time>-<reward_mode>-s<seed>
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
+    faithful: bool = False  # reset every algorithmic choice to the paper's code [O] (README table)
+    # data (Eurus-2-RL-Data schema: prompt, ability, reward_model.ground_truth, data_source)
+    data: str = "data/arith_rl.jsonl"  # RL prompts; several files separated by commas
+    test_data: str = "data/arith_test.jsonl"  # held-out prompts for evaluation
+    sft_data: str = "data/arith_sft.jsonl"  # worked solutions (`response` field) for the SFT warm-up
+    # model
+    model: str = ""  # a Hugging Face model name or folder as the SFT model; empty = tiny default
+    tiny_hidden: int = 256  # tiny Qwen2: hidden size
+    tiny_layers: int = 3  # tiny Qwen2: decoder layers
+    tiny_heads: int = 4  # tiny Qwen2: attention heads (and key/value heads)
+    tiny_intermediate: int = 768  # tiny Qwen2: MLP width
+    # SFT warm-up (tiny default only): trains the base from scratch, cached by these settings
+    sft_steps: int = 1500  # optimizer steps of supervised training on worked solutions
+    sft_batch: int = 128  # sequences per SFT step
+    sft_lr: float = 3e-3  # peak learning rate (AdamW, 50-step warm-up, cosine to 10%)
+    sft_seed: int = 0  # seed of the SFT run (shared by RL seeds, so they start from one model)
+    retrain_sft: bool = False  # retrain the SFT model even if a cached one exists
+    # RL: rollout and filter (paper §3.3, §4.1; spec §6, §8)
+    steps: int = 100  # RL steps (paper: 240 for Table 1, 592 for the release)
+    P: int = 32  # prompts kept per step (paper: 256)
+    K: int = 4  # samples per prompt (paper §4.1: 4)
+    temperature: float = 1.0  # sampling temperature of rollouts (spec §8: 1.0, top_p 1, no top_k)
+    max_new_tokens: int = 64  # longest response (paper: 3072)
+    filter_low: float = 0.2  # keep a prompt iff filter_low <= its accuracy (paper §3.3: 0.2)
+    filter_high: float = 0.8  # ... and its accuracy <= filter_high (paper §3.3: 0.8)
+    max_rollout_rounds: int = 8  # rounds of generation per step to fill P kept prompts
+    # implicit PRM (paper §3.1, §4.1; spec §2-3)
+    reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline)
+    beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
+    prm_update: str = "single"  # single | double | none (spec §3.4; paper default single-forward)
+    ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; spec §7)
+    prm_lora_r: int = 8  # LoRA rank of the PRM adapter
+    lr_prm: float = 1e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more)
+    prm_minibatches: int = 1  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256)
+    prm_grad_clip: float = 10.0  # PRM grad-norm clip (spec §3.3: 10)
+    prm_warmup: int = 0  # steps the PRM trains before its rewards enter the advantage ([O]: 0)
+    # advantages (paper Eq. 4-5; spec §4)
+    adv_estimator: str = "rloo"  # rloo | grpo | reinforce (paper Eq. 5, 7, 8)
+    prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees β·q, as veRL)
+    process_coef: float = 1.0  # weight of process vs outcome returns ([O]: 1:1)
+    gamma_process: float = 1.0  # discount of process returns (spec §4.2: 1.0)
+    gamma_outcome: float = 1.0  # discount of outcome returns (spec §4.2: 1.0)
+    # policy (paper §4.1; spec §5)
+    lora_r: int = 8  # LoRA rank of the policy adapter
+    lora_alpha_ratio: float = 2.0  # LoRA alpha = ratio × rank, for both adapters
+    lora_targets: str = "all-linear"  # modules that get LoRA (peft's target_modules)
+    lr_policy: float = 1e-3  # policy learning rate (paper 5e-7 is full fine-tuning; calibrated for LoRA)
+    wd_policy: float = 0.01  # AdamW weight decay of the policy (veRL default 0.01)
+    policy_grad_clip: float = 1.0  # policy grad-norm clip (spec §5: 1.0)
+    policy_minibatches: int = 1  # policy optimizer steps per iteration (paper: 4)
+    eps_clip: float = 0.2  # ε of PPO-clip (spec §5: 0.2)
+    loss_agg: str = "seq-mean-token-mean"  # seq-mean-token-mean ([O]) | token-mean ([R])
+    micro_batch: int = 128  # rows per forward/backward; gradient accumulation over micro-batches
+    # evaluation
+    eval_n: int = 500  # held-out prompts (0 = all)
+    eval_samples: int = 4  # samples per held-out prompt at temperature 1 (accuracy = their mean)
+    eval_every: int = 0  # also evaluate every this many RL steps (0 = only before and after)
+    show_progress: bool = True  # tqdm bars
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "reward_mode": ("prime", "outcome"),
+    "prm_update": ("single", "double", "none"),
+    "ref_type": ("freeze", "policy"),
+    "adv_estimator": ("rloo", "grpo", "reinforce"),
+    "prime_norm": ("batch_norm", "none"),
+    "loss_agg": ("seq-mean-token-mean", "token-mean"),
+}
+
+# The paper's code [O] (spec §14), for the algorithmic fields the tiny default changes.
+FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "prm_update": "single",
+            "ref_type": "freeze", "adv_estimator": "rloo", "loss_agg": "seq-mean-token-mean",
+            "beta": 0.05, "eps_clip": 0.2, "filter_low": 0.2, "filter_high": 0.8, "K": 4}
+
+
+def _field_help():
+    """The trailing comment of each Config field, read from this file's source."""
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_config(argv=None):
+    """Build the Config from command-line flags generated from the dataclass, then validate it."""
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            ap.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name),
+                            choices=CHOICES.get(f.name), dest=f.name)
+    args = ap.parse_args(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    if cfg.faithful:
+        explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                    if a.startswith("--")}
+        for k, v in FAITHFUL.items():
+            if k not in explicit:  # a flag given explicitly still wins
+                setattr(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate(cfg):
+    """Stop at once, before any model is built, on settings that cannot work."""
+    def bad(flag, msg):
+        raise ConfigError(f"--{flag.replace('_', '-')}: {msg}")
+    if cfg.K < 2:
+        bad("K", f"must be >= 2 for a leave-one-out baseline, got {cfg.K}")
+    for name in ("filter_low", "filter_high"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            bad(name, f"must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.filter_low > cfg.filter_high:
+        bad("filter_low", f"{cfg.filter_low} is above --filter-high {cfg.filter_high}")
+    for name in ("steps", "P", "max_new_tokens", "micro_batch", "prm_minibatches", "policy_minibatches",
+                 "sft_batch", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r"):
+        if getattr(cfg, name) < 1:
+            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.steps and cfg.temperature <= 0:
+        bad("temperature", f"must be > 0 for sampling, got {cfg.temperature}")
+    B = cfg.P * cfg.K
+    for name in ("prm_minibatches", "policy_minibatches"):
+        n = getattr(cfg, name)
+        if B % n:
+            bad(name, f"{n} does not divide the batch of P*K = {cfg.P}*{cfg.K} = {B} responses")
+        if (B // n) % cfg.K:
+            bad(name, f"mini-batches of {B // n} responses would split groups of K={cfg.K}")
+        if (B // n) % cfg.micro_batch and cfg.micro_batch < B // n:
+            bad("micro_batch", f"{cfg.micro_batch} does not divide the {name[:-13]} mini-batch of {B // n} responses")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    for path in cfg.data.split(",") + [cfg.test_data] + ([] if cfg.model else [cfg.sft_data]):
+        if not os.path.exists(resolve(path)):
+            raise ConfigError(f"data file not found: {path}")
+
+
+def resolve(path):
+    """Paths in the config are relative to the working directory, or else to this file's folder."""
+    return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(HERE, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: JSONL rows in the Eurus-2-RL-Data schema, checked line by line.
+# ---------------------------------------------------------------------------------------------
+def load_rows(path, need_response=False):
+    """Read a JSONL file; a malformed row stops with the file and line number."""
+    rows = []
+    with open(resolve(path)) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(r, dict):
+                raise ConfigError(f"{where}: a row must be a JSON object")
+            msgs = r.get("prompt")
+            if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "content" in m for m in msgs)):
+                raise ConfigError(f"{where}: 'prompt' must be a list of chat messages with 'content'")
+            if not isinstance(r.get("reward_model"), dict) or "ground_truth" not in r["reward_model"]:
+                raise ConfigError(f"{where}: missing 'reward_model.ground_truth'")
+            if r.get("ability") not in ("math",):
+                raise ConfigError(f"{where}: 'ability' must be 'math' (got {r.get('ability')!r})")
+            if need_response and not isinstance(r.get("response"), str):
+                raise ConfigError(f"{where}: SFT rows need a 'response' string")
+            rows.append(r)
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    return rows
+
+
+def prompt_text(tok, messages):
+    """The chat template when the tokenizer has one; otherwise BOS + the user turn(s) as plain text
+    (the tiny default has no template: its prompt is just `<bos>47+8-3+9-6=`)."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return (tok.bos_token or "") + "\n".join(m["content"] for m in messages if m.get("role", "user") != "system")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the tiny Qwen2 and its character tokenizer; the base with two LoRA adapters.
+# ---------------------------------------------------------------------------------------------
+CHARS = "0123456789+-*/=()[]{};:.,#<>!?%^_|&'\"$@~` \t\n\\abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def build_char_tokenizer():
+    """A character-level tokenizer made with `tokenizers`, wrapped for transformers."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(CHARS))}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char
+    t.decoder = decoders.Fuse()  # join pieces with nothing in between
+    t.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def load_tokenizer(path):
+    """Our character tokenizer reloads with PreTrainedTokenizerFast: AutoTokenizer would read the
+    folder's Qwen2 config and give a Qwen2Tokenizer that drops spaces and newlines."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_path) and json.load(open(cfg_path)).get("prime_mini_char_tokenizer"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_tokenizer(tok, path):
+    tok.save_pretrained(path)
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    d = json.load(open(cfg_path))
+    d["prime_mini_char_tokenizer"] = True
+    json.dump(d, open(cfg_path, "w"), indent=2)
+
+
+def build_tiny_model(cfg, tok):
+    """A tiny Qwen2ForCausalLM (the paper's base model's class) from a config, random weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    mc = Qwen2Config(vocab_size=len(tok), hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
+                     num_attention_heads=cfg.tiny_heads, num_key_value_heads=cfg.tiny_heads,
+                     intermediate_size=cfg.tiny_intermediate, max_position_embeddings=512,
+                     tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id, attention_dropout=0.0)
+    return Qwen2ForCausalLM(mc)
+
+
+def add_adapters(base, cfg):
+    """Wrap the frozen base with two zero-initialised LoRA adapters, `policy` and `prm`.
+
+    peft's LoRA initialises B = 0, so each adapter's update B·A is exactly 0 at the start:
+    π_θ = π_φ = π_ref. π_ref is the same module with adapters disabled: no second copy exists.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    def lora(r):
+        return LoraConfig(r=r, lora_alpha=int(cfg.lora_alpha_ratio * r), lora_dropout=0.0,
+                          target_modules=cfg.lora_targets, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora(cfg.lora_r), adapter_name="policy")
+    model.add_adapter("prm", lora(cfg.prm_lora_r))
+    model.set_adapter("policy")
+    return model
+
+
+def adapter_params(model, name):
+    """The LoRA parameters of one adapter (by peft's naming: `...lora_A.<name>.weight`)."""
+    return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and log-probabilities
+# ---------------------------------------------------------------------------------------------
+def encode_prompts(tok, texts, device):
+    """Left-padded prompt ids (B, Tp) and attention mask, so that generation continues each row."""
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def response_mask(resp, eos_id):
+    """1 on valid response tokens: up to and including the first EOS (spec §8, `get_eos_mask`).
+
+    Everything after the first EOS is padding from `generate`; a pad token sampled *before* it is
+    a real (if odd) token and stays valid.
+    """
+    is_eos = (resp == eos_id).int()  # (B, T)
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # (B, T) strictly after the first EOS
+    return (~after_eos).to(torch.float32)  # (B, T)
+
+
+@torch.no_grad()
+def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy=False):
+    """Sample responses with the KV cache. Returns response ids (B, T) and their mask (B, T)."""
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                         do_sample=not greedy, temperature=temperature if not greedy else None,
+                         top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+    resp = out[:, prompt_ids.shape[1]:]  # (B, T)
+    return resp, response_mask(resp, tok.eos_token_id)
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=64):
+    """log π(y_t | x, y_<t) of each response token (B, T), at temperature 1 (spec §2.2).
+
+    Logits are computed only for the response positions (`logits_to_keep`), and log-softmax runs
+    over row chunks so that a large vocabulary never materialises (B, T, V) in fp32 at once.
+    """
+    ids = torch.cat([prompt_ids, resp], 1)  # (B, Tp+T)
+    attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)  # (B, Tp+T)
+    pos = (attn.cumsum(1) - 1).clamp_min(0)  # (B, Tp+T) positions that skip left padding
+    T = resp.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
+    logits = logits[:, :-1]  # (B, T, V) the position before each response token predicts it
+    out = []
+    for i in range(0, ids.shape[0], chunk):
+        lp = torch.log_softmax(logits[i:i + chunk].float(), -1)  # (b, T, V)
+        out.append(lp.gather(-1, resp[i:i + chunk].unsqueeze(-1)).squeeze(-1))  # (b, T)
+    return torch.cat(out) * mask  # (B, T)
+
+
+def logprobs_nograd(model, batch, micro):
+    """token_logprobs over micro-batches without gradients."""
+    with torch.no_grad():
+        return torch.cat([token_logprobs(model, *batch.slice(i, i + micro)) for i in range(0, batch.B, micro)])
+
+
+@dataclass
+class Rollout:
+    """One step's responses. Rows are grouped: the K samples of a prompt are consecutive."""
+    prompt_ids: torch.Tensor  # (B, Tp) left-padded
+    prompt_mask: torch.Tensor  # (B, Tp)
+    resp: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) valid response tokens incl. first EOS
+    r_o: torch.Tensor  # (B,) outcome scores
+    rows: list  # the P data rows, one per group
+    texts: list = field(default_factory=list)  # (B,) decoded responses
+
+    @property
+    def B(self):
+        return self.resp.shape[0]
+
+    def slice(self, i, j):
+        return self.prompt_ids[i:j], self.prompt_mask[i:j], self.resp[i:j], self.mask[i:j]
+
+
+def pad_cat(tensors, left, value):
+    """Concatenate (b, t) tensors along rows, padding the time axis to the longest."""
+    T = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = torch.full((t.shape[0], T - t.shape[1]), value, dtype=t.dtype, device=t.device)
+        padded.append(torch.cat([pad, t] if left else [t, pad], 1))
+    return torch.cat(padded)
+
+
+def verify_batch(rows, texts, K):
+    """Outcome score per response (row i // K is the prompt of response i); and failure counts."""
+    scores, reasons = [], {}
+    for i, text in enumerate(texts):
+        s, why = verifiers.outcome_reward(rows[i // K], text)
+        scores.append(s)
+        reasons[why] = reasons.get(why, 0) + 1
+    return torch.tensor(scores), reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT warm-up: train the tiny base from scratch on worked solutions, cache it.
+# ---------------------------------------------------------------------------------------------
+def sft_key(cfg):
+    keys = ["tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "sft_steps", "sft_batch",
+            "sft_lr", "sft_seed"]
+    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True) + CHARS
+    blob += hashlib.sha256(open(resolve(cfg.sft_data), "rb").read()).hexdigest()
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def sft_warmup(cfg, device):
+    """Returns the folder of the SFT model (the frozen base and π_ref), training it if needed."""
+    path = os.path.join(resolve(cfg.out_dir) if not os.path.isabs(cfg.out_dir) else cfg.out_dir,
+                        "sft", sft_key(cfg))
+    if os.path.exists(os.path.join(path, "done")) and not cfg.retrain_sft:
+        print(f"SFT model: reusing {path} (--retrain-sft to train again)")
+        return path
+    rows = load_rows(cfg.sft_data, need_response=True)
+    torch.manual_seed(cfg.sft_seed)
+    rng = random.Random(cfg.sft_seed)
+    tok = build_char_tokenizer()
+    model = build_tiny_model(cfg, tok).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"SFT warm-up: tiny Qwen2 with {n_params / 1e6:.2f}M parameters, {len(rows)} worked solutions, "
+          f"{cfg.sft_steps} steps of {cfg.sft_batch}")
+    # Pre-tokenise once: prompt ids and response ids (+ EOS); the loss is on response tokens only.
+    p_ids = tok([prompt_text(tok, r["prompt"]) for r in rows], add_special_tokens=False)["input_ids"]
+    r_ids = tok([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = 50
+
+    def lr_at(s):  # linear warm-up, then cosine decay to 10% of the peak
+        if s < warm:
+            return cfg.sft_lr * (s + 1) / warm
+        x = (s - warm) / max(1, cfg.sft_steps - warm)
+        return cfg.sft_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * x)))
+
+    order = []
+    model.train()
+    bar = tqdm(range(cfg.sft_steps), desc="SFT", disable=not cfg.show_progress, mininterval=1)
+    for s in bar:
+        if len(order) < cfg.sft_batch:
+            order += rng.sample(range(len(rows)), len(rows))
+        idx, order = order[:cfg.sft_batch], order[cfg.sft_batch:]
+        seqs = [p_ids[i] + r_ids[i] + [tok.eos_token_id] for i in idx]
+        L = max(map(len, seqs))
+        ids = torch.full((len(seqs), L), tok.pad_token_id)
+        labels = torch.full((len(seqs), L), -100)
+        for j, i in enumerate(idx):
+            n, m = len(p_ids[i]), len(seqs[j])
+            ids[j, :m] = torch.tensor(seqs[j])
+            labels[j, n:m] = ids[j, n:m]  # response tokens and EOS only
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s)
+        loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if s % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    tmp = path + ".tmp"
+    model.save_pretrained(tmp)
+    save_tokenizer(tok, tmp)
+    open(os.path.join(tmp, "done"), "w").write(json.dumps({"loss": loss.item()}))
+    if os.path.exists(path):
+        import shutil
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    print(f"SFT model saved to {path} (last loss {loss.item():.3f})")
+    return path
+
+
+def load_base(path, device):
+    from transformers import AutoModelForCausalLM
+    tok = load_tokenizer(path)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # bf16 on this CPU is ~14x slower
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    base.eval()  # no dropout: logp_old must equal logp at the first policy step
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: held-out accuracy, sampled at temperature 1 and greedy.
+# ---------------------------------------------------------------------------------------------
+def evaluate(model, tok, rows, cfg, device, greedy, desc):
+    n = 1 if greedy else cfg.eval_samples
+    texts = [prompt_text(tok, r["prompt"]) for r in rows]
+    scores = []
+    bs = max(1, 512 // n)
+    for i in tqdm(range(0, len(rows), bs), desc=desc, disable=not cfg.show_progress, leave=False):
+        chunk = [t for t in texts[i:i + bs] for _ in range(n)]
+        ids, am = encode_prompts(tok, chunk, device)
+        resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy)
+        outs = tok.batch_decode(resp * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
+        s, _ = verify_batch(rows[i:i + bs], outs, n)
+        scores.append(s)
+    return torch.cat(scores).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The RL loop, as the paper's Algorithm 1.
+# ---------------------------------------------------------------------------------------------
+def prompt_stream(rows, seed):
+    """Endless shuffled passes over the RL prompts (a new order each epoch)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for i in order:
+            yield rows[i]
+
+
+def collect(model, tok, cfg, stream, buffer, device):
+    """Blocks 1-3: sample K per prompt, verify, keep prompts with accuracy in the band.
+
+    Generates batches of P prompts (leftover prompts from the buffer first, spec §6) until P
+    groups pass the filter or `max_rollout_rounds` is reached; surplus passing prompts go back to
+    the buffer (their rollouts are discarded, as in [O]). Returns (Rollout or None, stats).
+    """
+    K = cfg.K
+    kept, n_gen, n_correct, reasons, t_gen, t_ver = [], 0, 0.0, {}, 0.0, 0.0
+    for _ in range(cfg.max_rollout_rounds):
+        rows = [buffer.pop(0) if buffer else next(stream) for _ in range(cfg.P)]
+        texts = [prompt_text(tok, r["prompt"]) for r in rows for _ in range(K)]  # K consecutive copies
+        p_ids, p_mask = encode_prompts(tok, texts, device)
+        t = time.time()
+        resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature)
+        t_gen += time.time() - t
+        t = time.time()
+        outs = tok.batch_decode(resp * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
+        r_o, why = verify_batch(rows, outs, K)
+        t_ver += time.time() - t
+        for k, v in why.items():
+            reasons[k] = reasons.get(k, 0) + v
+        n_gen += len(outs)
+        n_correct += r_o.sum().item()
+        keep = rl.accuracy_filter(r_o, K, cfg.filter_low, cfg.filter_high)  # (P,)
+        for g in keep.nonzero().flatten().tolist():
+            sl = slice(g * K, (g + 1) * K)
+            kept.append((rows[g], p_ids[sl], p_mask[sl], resp[sl], mask[sl], r_o[sl], outs[sl]))
+        if len(kept) >= cfg.P:
+            break
+    buffer.extend(k[0] for k in kept[cfg.P:])  # surplus prompts are re-generated next step
+    kept = kept[:cfg.P]
+    stats = {"acc": n_correct / n_gen, "kept": len(kept), "generated": n_gen, "t_rollout": t_gen, "t_verify": t_ver, **{f"n_{k}": v for k, v in reasons.items()}}
+    if len(kept) < 2:
+        return None, stats
+    batch = Rollout(prompt_ids=pad_cat([k[1] for k in kept], left=True, value=tok.pad_token_id),
+                    prompt_mask=pad_cat([k[2] for k in kept], left=True, value=0),
+                    resp=pad_cat([k[3] for k in kept], left=False, value=tok.pad_token_id),
+                    mask=pad_cat([k[4] for k in kept], left=False, value=0.0),
+                    r_o=torch.cat([k[5] for k in kept]).to(device), rows=[k[0] for k in kept],
+                    texts=[t for k in kept for t in k[6]])
+    return batch, stats
+
+
+def prm_step(model, batch, logp_ref, cfg, opt_prm):
+    """Blocks 4-5: implicit rewards q from the PRM, then its cross-entropy update (spec §3).
+
+    Single-forward (default): q is recorded from the same forward that the update uses, so the
+    rewards come from the PRM before it saw this batch (mini-batch by mini-batch, as [O]).
+    Double-forward: after the update, q is recomputed with the updated PRM. `none`: no update.
+    Returns q (B, T) and stats, including the pairwise accuracy on this fresh batch before the
+    update (does the PRM generalise?) and after it.
+    """
+    model.set_adapter("prm")  # the PRM adapter is active and trainable, the policy's is frozen
+    B, K, micro = batch.B, cfg.K, cfg.micro_batch
+    mb = B // cfg.prm_minibatches
+    qs, losses = [], []
+    for m0 in range(0, B, mb):  # mini-batches in order, not shuffled ([O])
+        if cfg.prm_update != "none":
+            opt_prm.zero_grad(set_to_none=True)
+        for i in range(m0, m0 + mb, micro):
+            j = min(i + micro, m0 + mb)
+            with torch.set_grad_enabled(cfg.prm_update != "none"):
+                logp_phi = token_logprobs(model, *batch.slice(i, j))  # (b, T)
+                q = prm.implicit_rewards(logp_phi, logp_ref[i:j], batch.mask[i:j])  # (b, T)
+                loss = prm.ce_loss(q, batch.r_o[i:j], batch.mask[i:j], cfg.beta)
+            if cfg.prm_update != "none":
+                (loss * (j - i) / mb).backward()  # mean over the mini-batch
+            qs.append(q.detach())
+            losses.append(loss.item() * (j - i) / B)
+        if cfg.prm_update != "none":
+            torch.nn.utils.clip_grad_norm_(opt_prm.param_groups[0]["params"], cfg.prm_grad_clip)
+            opt_prm.step()
+    q = torch.cat(qs)  # (B, T)
+    stats = {"prm_loss": sum(losses), "prm_acc_fresh": prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)}
+    if cfg.prm_update != "none":
+        q_after = logprobs_nograd(model, batch, micro)
+        q_after = prm.implicit_rewards(q_after, logp_ref, batch.mask)  # (B, T)
+        stats["prm_acc_after"] = prm.pairwise_accuracy(q_after, batch.r_o, batch.mask, K)
+        if cfg.prm_update == "double":
+            q = q_after
+    return q, stats
+
+
+def advantages(q, batch, cfg, use_process):
+    """Block 6: process rewards p from q, RLOO (or GRPO/REINFORCE) returns, whitening (spec §4)."""
+    K, mask = cfg.K, batch.mask
+    p = None
+    if use_process:
+        p = rl.batch_norm(q, mask) if cfg.prime_norm == "batch_norm" else cfg.beta * q  # (B, T)
+        p = cfg.process_coef * p
+    if cfg.adv_estimator == "rloo":
+        returns = rl.rloo_returns(p, batch.r_o, mask, K, cfg.gamma_process, cfg.gamma_outcome)
+    elif cfg.adv_estimator == "grpo":
+        returns = rl.grpo_returns(p, batch.r_o, mask, K, cfg.gamma_process)
+    else:
+        returns = rl.reinforce_returns(p, batch.r_o, mask, cfg.gamma_process)
+    A = rl.masked_whiten(returns, mask)  # (B, T)
+    # Size of each source's return at the first token, to see how much the PRM steers.
+    out_only = rl.rloo_returns(None, batch.r_o, mask, K, 1.0, cfg.gamma_outcome)[:, 0] if cfg.adv_estimator == "rloo" else None
+    stats = {"ret_outcome": out_only.abs().mean().item() if out_only is not None else float("nan")}
+    stats["ret_process"] = (returns[:, 0] - out_only).abs().mean().item() if (p is not None and out_only is not None) else 0.0
+    return A, stats
+
+
+def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
+    """Block 7: PPO-clip update of the policy adapter, over shuffled mini-batches (spec §5)."""
+    model.set_adapter("policy")
+    B, micro = batch.B, cfg.micro_batch
+    mb = B // cfg.policy_minibatches
+    groups = torch.randperm(B // cfg.K, generator=gen)  # shuffle whole groups
+    order = (groups.view(-1, 1) * cfg.K + torch.arange(cfg.K)).flatten()
+    stats = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+    for m0 in range(0, B, mb):
+        idx = order[m0:m0 + mb]
+        n_tok = batch.mask[idx].sum()
+        opt_policy.zero_grad(set_to_none=True)
+        for i in range(0, mb, micro):
+            sub = idx[i:i + micro]
+            logp = token_logprobs(model, batch.prompt_ids[sub], batch.prompt_mask[sub], batch.resp[sub], batch.mask[sub])
+            loss, st = rl.ppo_clip_loss(logp, logp_old[sub], A[sub], batch.mask[sub], cfg.eps_clip, cfg.loss_agg)
+            w = len(sub) / mb if cfg.loss_agg == "seq-mean-token-mean" else (batch.mask[sub].sum() / n_tok).item()
+            (loss * w).backward()
+            stats["pg_loss"] += loss.item() * w / cfg.policy_minibatches
+            stats["clipfrac"] += st["clipfrac"] * len(sub) / B
+            stats["approx_kl"] += st["approx_kl"] * len(sub) / B
+        torch.nn.utils.clip_grad_norm_(opt_policy.param_groups[0]["params"], cfg.policy_grad_clip)
+        opt_policy.step()
+    return stats
+
+
+def fmt_step(step, cfg, m):
+    s = (f"step {step}/{cfg.steps} | acc {m['acc']:.3f} | kept {m['kept']}/{cfg.P} | ")
+    if "prm_loss" in m:
+        s += (f"prm_loss {m['prm_loss']:.3f} | prm_acc {m['prm_acc_fresh']:.2f}->{m.get('prm_acc_after', float('nan')):.2f} | "
+              f"|ret| p {m['ret_process']:.3f} o {m['ret_outcome']:.3f} | ")
+    s += (f"pg {m.get('pg_loss', 0):+.3f} | clip {m.get('clipfrac', 0):.3f} | len {m['len']:.1f} | "
+          f"{m['t_step']:.2f}s (roll {m['t_rollout']:.2f} ver {m['t_verify']:.2f} prm {m.get('t_prm', 0):.2f} pol {m.get('t_policy', 0):.2f})")
+    return s
+
+
+def run(cfg):
+    t_start = time.time()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # Read and check all data before building anything expensive.
+    train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
+    test_rows = load_rows(cfg.test_data)[: cfg.eval_n or None]
+
+    base_path = cfg.model if cfg.model else sft_warmup(cfg, device)
+    base, tok = load_base(base_path, device)
+    model = add_adapters(base, cfg)
+    opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
+    opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # spec §3.3
+
+    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.reward_mode}-s{cfg.seed}"
+    run_dir = os.path.join(cfg.out_dir, name)
+    os.makedirs(run_dir, exist_ok=True)
+    print(f"run directory: {run_dir}")
+    json.dump({**dataclasses.asdict(cfg), "base_path": base_path, "device": device},
+              open(os.path.join(run_dir, "config.json"), "w"), indent=2)
+    metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "w")
+
+    model.set_adapter("policy")  # generation and evaluation use π_θ
+    acc_before = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL")
+    greedy_before = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) before RL")
+    print(f"before RL: held-out accuracy sampled {acc_before:.3f} | greedy {greedy_before:.3f}")
+
+    stream, buffer = prompt_stream(train_rows, cfg.seed), []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    use_prm = cfg.reward_mode == "prime"
+    bar = tqdm(range(1, cfg.steps + 1), desc="RL", disable=not cfg.show_progress, mininterval=1)
+    for step in bar:
+        t0 = time.time()
+        m = {"step": step}
+        # 1-3. Rollout, verify, filter (with refill from the prompt buffer).
+        model.set_adapter("policy")
+        batch, st = collect(model, tok, cfg, stream, buffer, device)
+        m.update(st)
+        if batch is None:
+            m.update(len=float("nan"), t_step=time.time() - t0)
+            tqdm.write(f"step {step}/{cfg.steps} | acc {m['acc']:.3f} | kept {m['kept']}/{cfg.P} | skipped: too few prompts in the band")
+            metrics_f.write(json.dumps(m) + "\n")
+            continue
+        m["len"] = batch.mask.sum(1).mean().item()
+
+        # log π_old: the training policy's log-probs right after rollout ([O]), and π_ref's.
+        t = time.time()
+        logp_old = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+        m["t_policy"] = time.time() - t
+
+        # 4-5. Implicit process rewards and the PRM's cross-entropy update.
+        q = None
+        if use_prm:
+            t = time.time()
+            if cfg.ref_type == "freeze":
+                with model.disable_adapter():  # π_ref: the same base, adapters off
+                    logp_ref = logprobs_nograd(model, batch, cfg.micro_batch)
+            else:
+                logp_ref = logp_old
+            q, st = prm_step(model, batch, logp_ref, cfg, opt_prm)
+            m.update(st)
+            m["t_prm"] = time.time() - t
+
+        # 6. Advantages: RLOO on process and outcome rewards, summed, whitened.
+        A, st = advantages(q, batch, cfg, use_process=use_prm and step > cfg.prm_warmup)
+        m.update(st)
+
+        # 7. PPO-clip policy update.
+        t = time.time()
+        m.update(policy_step(model, batch, logp_old, A, cfg, opt_policy, gen))
+        m["t_policy"] += time.time() - t
+        model.set_adapter("policy")
+
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            m["eval_acc"] = evaluate(model, tok, test_rows, cfg, device, False, f"eval step {step}")
+        m["t_step"] = time.time() - t0
+        tqdm.write(fmt_step(step, cfg, m))
+        metrics_f.write(json.dumps(m) + "\n")
+        metrics_f.flush()
+    metrics_f.close()
+
+    # Evaluation after RL, then save both adapters (peft format) and the summary.
+    model.set_adapter("policy")
+    acc_after = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) after RL")
+    greedy_after = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) after RL")
+    model.save_pretrained(os.path.join(run_dir, "adapters"))  # policy/ at the root, prm/ in a subfolder
+    summary = {"acc_before": acc_before, "acc_after": acc_after, "greedy_before": greedy_before,
+               "greedy_after": greedy_after, "seed": cfg.seed, "reward_mode": cfg.reward_mode,
+               "steps": cfg.steps, "eval_prompts": len(test_rows), "eval_samples": cfg.eval_samples,
+               "wall_time_s": time.time() - t_start}
+    json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=2)
+    print("\nheld-out accuracy (%d prompts)   sampled T=1 (%d/prompt)   greedy" % (len(test_rows), cfg.eval_samples))
+    print(f"  before RL (SFT model)        {acc_before:.3f}                    {greedy_before:.3f}")
+    print(f"  after RL ({cfg.reward_mode}, {cfg.steps} steps)   {acc_after:.3f}                    {greedy_after:.3f}")
+    print(f"  change                       {acc_after - acc_before:+.3f}                   {greedy_after - greedy_before:+.3f}")
+    print(f"wall time {summary['wall_time_s']:.0f}s; outputs in {run_dir}")
+    return summary, run_dir
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        run(cfg)
+    except ConfigError as e:  # a malformed data row, found before any model is built
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""PRIME's advantage estimation and policy loss: RLOO on process and outcome rewards, PPO-clip.
+
+Implements, from the spec (`PRIME_SPEC.md` §4-6, which follows the paper's code [O]):
+  - the online accuracy filter (paper §3.3):        keep a prompt iff low ≤ mean_k r_o ≤ high
+  - `batch_norm` of process rewards (code only):    p = q / (max |reward-to-go| over the batch + 1e-6)
+  - leave-one-out (RLOO) returns (paper Eq. 4-5):   per source, s̃_t^i = (K s_t^i − Σ_j m_j)/(K−1)
+    with m_j the mean of sample j's rewards on its mask, then a reverse (discounted) cumsum;
+    process and outcome returns are summed 1:1
+  - GRPO (paper Eq. 7) and REINFORCE (Eq. 8) with process rewards, as options
+  - whitening over all valid tokens of the batch (code only)
+  - the PPO-clip loss (paper Eq. 6), no KL term (the paper's coefficient is 0), no entropy bonus.
+Pure tensor math: no models, no config object.
+
+Shapes: P prompts, K samples per prompt (consecutive rows), B = P·K rows, T response positions.
+`mask` is 1 on valid response tokens (up to and including the first EOS), 0 elsewhere.
+"""
+import torch
+
+
+def accuracy_filter(r_o, K, low, high):
+    """keep[p] = low ≤ mean_k r_o[p, k] ≤ high, both ends inclusive (spec §6).
+
+    Example: accuracy_filter(tensor([1., 0, 0, 0, 1, 1, 1, 1]), K=4, low=0.2, high=0.8)
+             -> tensor([True, False])   (1/4 kept; 4/4 dropped)
+    """
+    acc = r_o.float().view(-1, K).mean(1)  # (P,)
+    return (acc >= low) & (acc <= high)
+
+
+def reverse_cumsum(x, gamma=1.0):
+    """G_t = x_t + γ G_{t+1} along the last axis (the return-to-go)."""
+    if gamma == 1.0:
+        return x.flip(-1).cumsum(-1).flip(-1)  # (B, T)
+    G = torch.zeros_like(x)  # (B, T)
+    running = torch.zeros_like(x[..., 0])  # (B,)
+    for t in reversed(range(x.shape[-1])):
+        running = x[..., t] + gamma * running
+        G[..., t] = running
+    return G
+
+
+def batch_norm(q, mask):
+    """`prime_norm=batch_norm` ([O], spec §2.4): q / (max_{i,t} |Σ_{s≥t} q_s^i| + 1e-6).
+
+    The maximum is over every reward-to-go of the whole batch, so afterwards |process return| ≤ 1.
+    """
+    q = q * mask  # (B, T)
+    scale = reverse_cumsum(q).abs().max()  # () largest |return-to-go| in the batch
+    return q / (scale + 1e-6)  # (B, T)
+
+
+def last_token_mask(mask):
+    """1 at each row's last valid token (EOS, or the last token when truncated), else 0."""
+    T = mask.shape[1]
+    idx = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
+    last = (idx * mask).argmax(1, keepdim=True)  # (B, 1) position of the last valid token
+    return torch.zeros_like(mask).scatter(1, last, 1) * (mask.sum(1, keepdim=True) > 0)  # (B, T)
+
+
+def rloo_token_scores(s, m, K):
+    """The code's leave-one-out line (spec §4.2 step 2), for one reward source.
+
+    s: (B, T) rewards, m: (B, T) that source's mask. m_i = mean of row i's rewards on its mask;
+    s̃_t^i = (K·s_t^i − Σ_{j in group} m_j)/(K − 1) on the mask, 0 elsewhere. For the outcome
+    (a single token) this is exactly r_o^i − mean_{j≠i} r_o^j (paper Eq. 4).
+    """
+    B, T = s.shape
+    s = s * m
+    mean_i = s.sum(1) / m.sum(1).clamp_min(1)  # (B,)
+    group_sum = mean_i.view(B // K, K).sum(1, keepdim=True)  # (P, 1) Σ_j m_j
+    group_sum = group_sum.expand(B // K, K).reshape(B, 1)  # (B, 1)
+    return (K * s - group_sum) / (K - 1) * m  # (B, T)
+
+
+def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0):
+    """Returns-to-go from RLOO on process rewards `p` and outcomes `r_o`, summed 1:1 (spec §4.2).
+
+    p: (B, T) process rewards (already normalised) or None for the outcome-only baseline;
+    r_o: (B,) outcome scores, placed at each row's last valid token.
+    """
+    B, T = mask.shape
+    assert K >= 2 and B % K == 0, f"need K >= 2 and whole groups: B={B}, K={K}"
+    mask = mask.to(torch.float32)
+    last = last_token_mask(mask)  # (B, T)
+    outcome = r_o.to(torch.float32).view(B, 1) * last  # (B, T) r_o at the last valid token
+    returns = reverse_cumsum(rloo_token_scores(outcome, last, K), gamma_outcome)  # (B, T)
+    if p is not None:
+        returns = returns + reverse_cumsum(rloo_token_scores(p.float(), mask, K), gamma_process)
+    return returns * mask  # (B, T)
+
+
+def grpo_returns(p, r_o, mask, K, gamma_process=1.0, eps=1e-6):
+    """GRPO with PRIME (paper Eq. 7, spec §4.3): group-normalised outcome plus a process return
+    with baseline mean_j m_j and scale std_j m_j, m_j = sample j's mean process reward.
+
+    The outcome term is a per-sample constant, added on every valid token. `std` is unbiased
+    (torch's default, as in common GRPO code); eps keeps an all-equal group finite.
+    """
+    B, T = mask.shape
+    mask = mask.to(torch.float32)
+    ro = r_o.to(torch.float32).view(B // K, K)  # (P, K)
+    A_o = (ro - ro.mean(1, keepdim=True)) / (ro.std(1, keepdim=True) + eps)  # (P, K)
+    returns = A_o.reshape(B, 1) * mask  # (B, T)
+    if p is not None:
+        p = p.float() * mask
+        m = (p.sum(1) / mask.sum(1).clamp_min(1)).view(B // K, K)  # (P, K) mean process reward
+        mu = m.mean(1, keepdim=True).expand(B // K, K).reshape(B, 1)  # (B, 1)
+        sd = m.std(1, keepdim=True).expand(B // K, K).reshape(B, 1)  # (B, 1)
+        returns = returns + reverse_cumsum((p - mu) / (sd + eps) * mask, gamma_process)
+    return returns * mask  # (B, T)
+
+
+def reinforce_returns(p, r_o, mask, gamma_process=1.0):
+    """REINFORCE with PRIME (paper Eq. 8, spec §4.3): r_o + Σ_{s≥t} γ^{s−t} r_φ(y_s), no baseline."""
+    mask = mask.to(torch.float32)
+    returns = r_o.to(torch.float32).view(-1, 1) * mask  # (B, T)
+    if p is not None:
+        returns = returns + reverse_cumsum(p.float() * mask, gamma_process)
+    return returns * mask  # (B, T)
+
+
+def masked_whiten(x, mask):
+    """A = (x − μ) / sqrt(σ² + 1e-8) with μ and the unbiased σ² over all valid tokens (spec §4.2)."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n  # ()
+    var = (((x - mean) ** 2) * mask).sum() / (n - 1).clamp_min(1)  # () unbiased, as [O]
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask  # (B, T)
+
+
+def ppo_clip_loss(logp, logp_old, A, mask, eps_clip, agg="seq-mean-token-mean"):
+    """PPO-clip (paper Eq. 6, spec §5): ℓ_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)).
+
+    ρ_t = exp(log π_θ(y_t) − log π_old(y_t)). `agg`: "seq-mean-token-mean" = mean over rows of
+    each row's token mean ([O], whose micro-batches held one sequence); "token-mean" = mean over
+    all valid tokens of the batch ([R]). Returns (loss, stats) with the clip fraction and the
+    approximate KL(π_old ‖ π_θ) on valid tokens.
+    """
+    mask = mask.to(logp.dtype)
+    log_ratio = logp - logp_old  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T) ρ_t
+    pg1 = -A * ratio  # (B, T)
+    pg2 = -A * torch.clamp(ratio, 1.0 - eps_clip, 1.0 + eps_clip)  # (B, T)
+    per_token = torch.maximum(pg1, pg2)  # (B, T)
+    if agg == "seq-mean-token-mean":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+    elif agg == "token-mean":
+        loss = (per_token * mask).sum() / mask.sum().clamp_min(1)
+    else:
+        raise ValueError(f"unknown loss aggregation {agg!r}: use 'seq-mean-token-mean' or 'token-mean'")
+    with torch.no_grad():
+        n = mask.sum().clamp_min(1)
+        stats = {
+            "clipfrac": (((pg2 > pg1).to(mask.dtype)) * mask).sum().item() / n.item(),
+            "approx_kl": (((ratio - 1) - log_ratio) * mask).sum().item() / n.item(),
+        }
+    return loss, stats

@@ -1,0 +1,181 @@
+"""Models, adapters, sampling helpers and the parts of the loop, on a tiny random Qwen2 (CPU)."""
+import copy
+
+import pytest
+import torch
+
+import prime_mini as pm
+import prm
+
+
+def tiny_cfg(**kw):
+    cfg = pm.Config(tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_intermediate=64, lora_r=4, prm_lora_r=4,
+                    P=2, K=4, micro_batch=4, show_progress=False)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return pm.build_char_tokenizer()
+
+
+def make_model(tok, cfg, seed=0):
+    torch.manual_seed(seed)
+    base = pm.build_tiny_model(cfg, tok).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = pm.add_adapters(base, cfg)
+    # Give the adapters non-zero B so that the two roles actually differ in later tests.
+    return model
+
+
+def make_batch(model, tok, cfg, seed=0):
+    """A real rollout batch: P prompts x K samples from the model, with made-up outcomes."""
+    torch.manual_seed(seed)
+    prompts = ["12+3-4=", "7+8="]
+    texts = [pm.prompt_text(tok, [{"role": "user", "content": p}]) for p in prompts for _ in range(cfg.K)]
+    ids, am = pm.encode_prompts(tok, texts, "cpu")
+    model.set_adapter("policy")
+    resp, mask = pm.generate(model, tok, ids, am, 12, 1.0)
+    r_o = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1])
+    rows = [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
+    return pm.Rollout(ids, am, resp, mask, r_o, rows)
+
+
+def test_char_tokenizer_round_trip_keeps_spaces_and_newlines(tok, tmp_path):
+    text = "12 + 3 =\n15;\\boxed{15} Tab\tX"
+    pm.save_tokenizer(tok, str(tmp_path))
+    again = pm.load_tokenizer(str(tmp_path))
+    ids = again(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text), "one token per character"
+    assert again.decode(ids) == text
+    assert ids == tok(text, add_special_tokens=False)["input_ids"], "same ids after reload"
+    assert (again.bos_token, again.eos_token, again.pad_token) == ("<bos>", "<eos>", "<pad>")
+
+
+def test_response_mask_ends_at_first_eos_inclusive():
+    eos, pad = 2, 0
+    resp = torch.tensor([[5, 6, eos, pad, pad], [5, eos, 7, eos, pad], [5, 6, 7, 8, 9], [pad, 6, eos, 8, 9]])
+    expect = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.float32)
+    assert torch.equal(pm.response_mask(resp, eos), expect), "truncated rows are all valid; a sampled pad stays valid"
+
+
+def test_token_logprobs_match_an_unpadded_forward_per_row(tok):
+    cfg = tiny_cfg()
+    model = make_model(tok, cfg)
+    batch = make_batch(model, tok, cfg)
+    lp = pm.logprobs_nograd(model, batch, 3)  # micro-batch of 3 does not align with rows: still equal
+    for i in range(batch.B):
+        p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+        n = int(batch.mask[i].sum())
+        ids = torch.cat([p, batch.resp[i, :n]]).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        ref = torch.log_softmax(logits[len(p) - 1:-1], -1).gather(-1, batch.resp[i, :n, None]).squeeze(-1)
+        assert torch.allclose(lp[i, :n], ref, atol=1e-5), f"row {i}: padded forward differs from unpadded"
+        assert torch.all(lp[i, n:] == 0), "zero off the mask"
+
+
+def test_three_roles_share_one_base_and_start_identical(tok):
+    cfg = tiny_cfg()
+    model = make_model(tok, cfg)
+    batch = make_batch(model, tok, cfg)
+    # One copy of the base: the peft model's non-LoRA tensors are the very tensors of the base module.
+    base = model.get_base_model()
+    base_ptrs = {p.data_ptr() for n, p in base.named_parameters() if "lora_" not in n}
+    all_ptrs = {p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
+    assert base_ptrs == all_ptrs
+    n_base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    n_fresh = sum(p.numel() for p in pm.build_tiny_model(cfg, tok).parameters())
+    assert n_base == n_fresh, "exactly one copy of the base weights"
+    model.set_adapter("policy")
+    lp_policy = pm.logprobs_nograd(model, batch, 4)
+    model.set_adapter("prm")
+    lp_prm = pm.logprobs_nograd(model, batch, 4)
+    with model.disable_adapter():
+        lp_ref = pm.logprobs_nograd(model, batch, 4)
+    assert torch.equal(lp_policy, lp_ref) and torch.equal(lp_prm, lp_ref), "zero-initialised LoRA: same model"
+    q = prm.implicit_rewards(lp_prm, lp_ref, batch.mask)
+    assert torch.count_nonzero(q) == 0, "every process reward is exactly 0 at initialisation"
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_prm_step_changes_only_the_prm_adapter(tok):
+    cfg = tiny_cfg(lr_prm=1e-2)
+    model = make_model(tok, cfg)
+    batch = make_batch(model, tok, cfg)
+    opt_prm = torch.optim.AdamW(pm.adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)
+    with model.disable_adapter():
+        logp_ref = pm.logprobs_nograd(model, batch, 4)
+    before = snapshot(model)
+    for _ in range(2):  # the first step moves only lora_B (A's gradient is 0 while B = 0)
+        q, st = pm.prm_step(model, batch, logp_ref, cfg, opt_prm)
+    diff = changed(before, model)
+    assert diff and all(".prm." in n for n in diff), f"PRM step touched {sorted(diff)[:3]}"
+    assert any("lora_A.prm" in n for n in diff) and any("lora_B.prm" in n for n in diff)
+    with model.disable_adapter():
+        assert torch.equal(pm.logprobs_nograd(model, batch, 4), logp_ref), "π_ref unchanged"
+    assert 0.0 <= st["prm_acc_fresh"] <= 1.0 and st["prm_loss"] > 0
+
+
+def test_policy_step_changes_only_the_policy_adapter(tok):
+    cfg = tiny_cfg(lr_policy=1e-2)
+    model = make_model(tok, cfg)
+    batch = make_batch(model, tok, cfg)
+    opt = torch.optim.AdamW(pm.adapter_params(model, "policy"), lr=cfg.lr_policy)
+    with model.disable_adapter():
+        logp_ref = pm.logprobs_nograd(model, batch, 4)
+    before = snapshot(model)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        model.set_adapter("policy")
+        logp_old = pm.logprobs_nograd(model, batch, 4)
+        A, _ = pm.advantages(None, batch, cfg, use_process=False)
+        st = pm.policy_step(model, batch, logp_old, A, cfg, opt, gen)
+    diff = changed(before, model)
+    assert diff and all(".policy." in n for n in diff), f"policy step touched {sorted(diff)[:3]}"
+    assert any("lora_A.policy" in n for n in diff)
+    with model.disable_adapter():
+        assert torch.equal(pm.logprobs_nograd(model, batch, 4), logp_ref), "π_ref unchanged"
+    model.set_adapter("prm")
+    assert torch.equal(pm.logprobs_nograd(model, batch, 4), logp_ref), "π_φ still equals π_ref"
+    assert st["clipfrac"] >= 0
+
+
+def test_policy_step_raises_logprob_of_positive_advantage_samples(tok):
+    cfg = tiny_cfg(lr_policy=5e-3)
+    model = make_model(tok, cfg)
+    batch = make_batch(model, tok, cfg)
+    opt = torch.optim.AdamW(pm.adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=0.0)
+    model.set_adapter("policy")
+    logp_old = pm.logprobs_nograd(model, batch, 4)
+    A, _ = pm.advantages(None, batch, cfg, use_process=False)
+    pm.policy_step(model, batch, logp_old, A, cfg, opt, torch.Generator().manual_seed(0))
+    pm.policy_step(model, batch, logp_old, A, cfg, opt, torch.Generator().manual_seed(0))
+    logp_new = pm.logprobs_nograd(model, batch, 4)
+    delta = (logp_new - logp_old).sum(1)  # (B,)
+    adv = A[:, 0]
+    assert delta[adv > 0].mean() > delta[adv < 0].mean(), "PPO moves probability toward positive advantages"
+
+
+def test_prm_cross_entropy_update_raises_correct_samples_reward(tok):
+    cfg = tiny_cfg(lr_prm=5e-3)
+    model = make_model(tok, cfg)
+    batch = make_batch(model, tok, cfg)
+    opt = torch.optim.AdamW(pm.adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)
+    with model.disable_adapter():
+        logp_ref = pm.logprobs_nograd(model, batch, 4)
+    for _ in range(5):
+        pm.prm_step(model, batch, logp_ref, cfg, opt)
+    model.set_adapter("prm")
+    q = prm.implicit_rewards(pm.logprobs_nograd(model, batch, 4), logp_ref, batch.mask).sum(1)
+    assert q[batch.r_o == 1].mean() > q[batch.r_o == 0].mean(), "PRM learns to score correct samples higher"
