@@ -1,0 +1,104 @@
+"""Configuration errors, data checks, and an end-to-end run of prime_mini.py through subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import prime_mini as pm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--K", "1"], "--K: must be >= 2"),
+    (["--filter-low", "-0.1"], "--filter-low: must be in [0, 1]"),
+    (["--filter-high", "1.5"], "--filter-high: must be in [0, 1]"),
+    (["--filter-low", "0.9", "--filter-high", "0.5"], "--filter-low: 0.9 is above --filter-high 0.5"),
+    (["--P", "8", "--K", "4", "--policy-minibatches", "3"], "--policy-minibatches: 3 does not divide"),
+    (["--P", "8", "--K", "4", "--micro-batch", "12"], "--micro-batch: 12 does not divide"),
+    (["--data", "nope.jsonl"], "data file not found: nope.jsonl"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+])
+def test_invalid_config_names_the_flag(argv, needle):
+    with pytest.raises(pm.ConfigError) as e:
+        pm.parse_config(argv)
+    assert needle in str(e.value)
+
+
+def test_unknown_choice_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        pm.parse_config(["--prime-norm", "max"])
+    assert "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_faithful_resets_algorithmic_choices_but_explicit_flags_win():
+    cfg = pm.parse_config(["--faithful", "--process-coef", "0.5", "--prime-norm", "none"])
+    assert cfg.prime_norm == "none" and cfg.process_coef == 0.5
+    cfg = pm.parse_config(["--faithful", "--prime-norm", "none"])
+    assert cfg.process_coef == 1.0 and cfg.prm_warmup == 0 and cfg.prm_update == "single"
+
+
+def test_every_config_field_has_help_text():
+    helps = pm._field_help()
+    missing = [f.name for f in pm.dataclasses.fields(pm.Config) if not helps.get(f.name)]
+    assert not missing, f"fields without a comment: {missing}"
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("{not json", "bad.jsonl:2: not valid JSON"),
+    ('{"prompt": "x", "ability": "math", "reward_model": {"ground_truth": "1"}}', "bad.jsonl:2: 'prompt' must be"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math"}', "bad.jsonl:2: missing 'reward_model.ground_truth'"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "poetry", "reward_model": {"ground_truth": "2"}}',
+     "bad.jsonl:2: 'ability' must be"),
+])
+def test_malformed_row_names_file_and_line(tmp_path, line, needle):
+    good = '{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": "2"}}'
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(pm.ConfigError) as e:
+        pm.load_rows(str(path))
+    assert str(e.value).endswith(needle.split(": ", 1)[1]) or needle.split(":", 1)[1] in str(e.value)
+    assert f"{path}:2" in str(e.value)
+
+
+def test_malformed_data_stops_before_any_model_is_built(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": "1+1="}]}\n')
+    out = subprocess.run([sys.executable, "prime_mini.py", "--data", str(path), "--out-dir", str(tmp_path / "runs")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"{path}:1: missing 'reward_model.ground_truth'" in out.stderr
+    assert "SFT" not in out.stdout and not (tmp_path / "runs").exists(), "nothing was trained or written"
+
+
+def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "prime_mini.py", "--out-dir", str(runs), "--run-name", "micro", "--seed", "3",
+            "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
+            "--sft-steps", "20", "--sft-batch", "16", "--steps", "2", "--P", "4", "--K", "2",
+            "--filter-low", "0", "--filter-high", "1", "--max-new-tokens", "16", "--micro-batch", "4",
+            "--eval-n", "6", "--eval-samples", "2", "--no-show-progress"]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = runs / "micro"
+    assert f"run directory: {run}" in out.stdout
+    assert "step 2/2 | acc" in out.stdout and "before RL (SFT model)" in out.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["seed"] == 3 and config["K"] == 2
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("acc", "kept", "prm_loss", "prm_acc_fresh", "prm_acc_after", "ret_process", "ret_outcome",
+                "pg_loss", "clipfrac", "len", "t_rollout", "t_verify", "t_prm", "t_policy"):
+        assert key in metrics[-1], key
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("acc_before", "acc_after", "greedy_before", "greedy_after", "seed", "wall_time_s"):
+        assert key in summary, key
+    assert summary["seed"] == 3 and 0 <= summary["acc_after"] <= 1
+    assert (run / "adapters" / "adapter_config.json").exists(), "policy adapter in peft format"
+    assert (run / "adapters" / "prm" / "adapter_config.json").exists(), "PRM adapter in peft format"
+    # The SFT model is cached: a second run reuses it instead of retraining.
+    again = subprocess.run(argv[:6] + ["micro2"] + argv[7:], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "SFT model: reusing" in again.stdout
