@@ -88,7 +88,7 @@ class Config:
     sft_seed: int = 0  # seed of the SFT run (shared by RL seeds, so they start from one model)
     retrain_sft: bool = False  # retrain the SFT model even if a cached one exists
     # RL: rollout and filter (paper §3.3, §4.1; spec §6, §8)
-    steps: int = 100  # RL steps (paper: 240 for Table 1, 592 for the release)
+    steps: int = 120  # RL steps (paper: 240 for Table 1, 592 for the release)
     P: int = 32  # prompts kept per step (paper: 256; 32 keeps a CPU step near 1.5 s)
     K: int = 4  # samples per prompt (paper §4.1: 4)
     temperature: float = 1.0  # sampling temperature of rollouts (spec §8: 1.0, top_p 1, no top_k)
@@ -99,18 +99,18 @@ class Config:
     # implicit PRM (paper §3.1, §4.1; spec §2-3)
     reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline)
     beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
-    prm_update: str = "single"  # single | double | none (spec §3.4; paper default single-forward)
+    prm_update: str = "double"  # single | double | none (spec §3.4; [O]/paper: single, [R]: double; README)
     ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; spec §7)
     prm_lora_r: int = 8  # LoRA rank of the PRM adapter
-    lr_prm: float = 1e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more)
-    prm_minibatches: int = 1  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256)
+    lr_prm: float = 3e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more; README)
+    prm_minibatches: int = 4  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256)
     prm_grad_clip: float = 10.0  # PRM grad-norm clip (spec §3.3: 10)
-    prm_warmup: int = 0  # steps the PRM trains before its rewards enter the advantage ([O]: 0)
+    prm_warmup: int = 10  # steps the PRM trains before its rewards enter the advantage ([O]: 0; README)
     prm_gate: float = 0.0  # use process rewards only while the PRM's fresh ranking accuracy (EMA) >= this ([O]: 0 = always)
     # advantages (paper Eq. 4-5; spec §4)
     adv_estimator: str = "rloo"  # rloo | grpo | reinforce (paper Eq. 5, 7, 8)
     prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees β·q, as veRL)
-    process_coef: float = 1.0  # weight of process vs outcome returns ([O]: 1:1)
+    process_coef: float = 0.5  # weight of process vs outcome returns ([O]: 1:1; README)
     gamma_process: float = 1.0  # discount of process returns (spec §4.2: 1.0)
     gamma_outcome: float = 1.0  # discount of outcome returns (spec §4.2: 1.0)
     # policy (paper §4.1; spec §5)
@@ -141,10 +141,14 @@ CHOICES = {
     "loss_agg": ("seq-mean-token-mean", "token-mean"),
 }
 
-# The paper's code [O] (spec §14), for the algorithmic fields the tiny default changes.
-FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "prm_update": "single",
-            "ref_type": "freeze", "adv_estimator": "rloo", "loss_agg": "seq-mean-token-mean",
-            "beta": 0.05, "eps_clip": 0.2, "filter_low": 0.2, "filter_high": 0.8, "K": 4}
+# The paper's code [O] (spec §14), for the algorithmic fields the tiny default changes. Learning
+# rates stay LoRA-sized; [O]'s PRM:policy ratio (1e-6 : 5e-7) is kept. [O] makes 4 PRM and 4
+# policy optimizer steps per iteration (mini-batches of 256 out of 1024 responses).
+FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "prm_gate": 0.0,
+            "prm_update": "single", "lr_prm": 2e-3, "lr_policy": 1e-3, "prm_minibatches": 4,
+            "policy_minibatches": 4, "ref_type": "freeze", "adv_estimator": "rloo",
+            "loss_agg": "seq-mean-token-mean", "beta": 0.05, "eps_clip": 0.2, "filter_low": 0.2,
+            "filter_high": 0.8, "K": 4, "gamma_process": 1.0, "gamma_outcome": 1.0}
 
 
 def _field_help():
@@ -586,7 +590,7 @@ def collect(model, tok, cfg, stream, buffer, device):
     buffer.extend(k[0] for k in kept[cfg.P:])  # surplus prompts are re-generated next step
     kept = kept[:cfg.P]
     stats = {"acc": n_correct / n_gen, "kept": len(kept), "generated": n_gen, "t_rollout": t_gen, "t_verify": t_ver, **{f"n_{k}": v for k, v in reasons.items()}}
-    if len(kept) < 2:
+    if not kept:
         return None, stats
     batch = Rollout(prompt_ids=pad_cat([k[1] for k in kept], left=True, value=tok.pad_token_id),
                     prompt_mask=pad_cat([k[2] for k in kept], left=True, value=0),
@@ -799,7 +803,7 @@ def run(cfg):
     model.set_adapter("policy")
     acc_after = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) after RL")
     greedy_after = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) after RL")
-    model.save_pretrained(os.path.join(run_dir, "adapters"))  # policy/ at the root, prm/ in a subfolder
+    model.save_pretrained(os.path.join(run_dir, "adapters"))  # adapters/policy/ and adapters/prm/
     summary = {"acc_before": acc_before, "acc_after": acc_after, "greedy_before": greedy_before,
                "greedy_after": greedy_after, "seed": cfg.seed, "reward_mode": cfg.reward_mode,
                "steps": cfg.steps, "eval_prompts": len(test_rows), "eval_samples": cfg.eval_samples,

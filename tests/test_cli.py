@@ -96,9 +96,13 @@ def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     for key in ("acc_before", "acc_after", "greedy_before", "greedy_after", "seed", "wall_time_s"):
         assert key in summary, key
     assert summary["seed"] == 3 and 0 <= summary["acc_after"] <= 1
-    assert (run / "adapters" / "adapter_config.json").exists(), "policy adapter in peft format"
+    assert (run / "adapters" / "policy" / "adapter_config.json").exists(), "policy adapter in peft format"
     assert (run / "adapters" / "prm" / "adapter_config.json").exists(), "PRM adapter in peft format"
+    from safetensors.torch import load_file
+    for name in ("policy", "prm"):
+        weights = load_file(str(run / "adapters" / name / "adapter_model.safetensors"))
+        assert weights and all("lora_" in k for k in weights), f"{name}: LoRA tensors only"
     # The SFT model is cached: a second run reuses it instead of retraining.
-    again = subprocess.run(argv[:6] + ["micro2"] + argv[7:], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(argv[:5] + ["micro2"] + argv[6:], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "SFT model: reusing" in again.stdout

@@ -179,3 +179,31 @@ def test_prm_cross_entropy_update_raises_correct_samples_reward(tok):
     model.set_adapter("prm")
     q = prm.implicit_rewards(pm.logprobs_nograd(model, batch, 4), logp_ref, batch.mask).sum(1)
     assert q[batch.r_o == 1].mean() > q[batch.r_o == 0].mean(), "PRM learns to score correct samples higher"
+
+
+def test_filter_keeps_band_groups_and_returns_surplus_prompts_to_the_buffer(tok, monkeypatch):
+    """collect(): generate P prompts per round until P groups pass; surplus passing prompts are
+    pushed to the buffer and come back first at the next step (spec §6)."""
+    cfg = tiny_cfg(P=2, K=2, max_rollout_rounds=3, filter_low=0.2, filter_high=0.8)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+0="}], "ability": "math",
+             "reward_model": {"ground_truth": str(i)}} for i in range(10)]
+    # Scripted outcomes per round, by prompt: prompt i passes iff it gets one right and one wrong.
+    passing = {1, 2, 3}
+    monkeypatch.setattr(pm, "generate", lambda model, tok, ids, am, n, t, greedy=False: (
+        torch.full((ids.shape[0], 3), tok.eos_token_id), torch.ones(ids.shape[0], 3)))
+
+    def fake_verify(rws, texts, K):
+        s = [float(k == 0) if int(r["reward_model"]["ground_truth"]) in passing else 0.0 for r in rws for k in range(K)]
+        return torch.tensor(s), {"correct": int(sum(s)), "wrong": len(s) - int(sum(s))}
+    monkeypatch.setattr(pm, "verify_batch", fake_verify)
+    stream, buffer = iter(rows), []
+    batch, st = pm.collect(None, tok, cfg, stream, buffer, "cpu")
+    # Round 1 draws prompts 0, 1 (1 passes); round 2 draws 2, 3 (both pass): 3 kept, P = 2.
+    assert [r["reward_model"]["ground_truth"] for r in batch.rows] == ["1", "2"]
+    assert [r["reward_model"]["ground_truth"] for r in buffer] == ["3"], "surplus prompt goes back"
+    assert st["kept"] == 2 and st["generated"] == 8 and st["acc"] == 3 / 8
+    assert batch.B == 4 and torch.equal(batch.r_o, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    batch, st = pm.collect(None, tok, cfg, stream, buffer, "cpu")
+    assert batch.rows[0]["reward_model"]["ground_truth"] == "3", "buffered prompt is generated first"
+    # Rounds 2-3 draw prompts 5-8, none passes: the step goes on with the 1 group it has.
+    assert buffer == [] and st["kept"] == 1 and st["generated"] == 12 and batch.B == 2
