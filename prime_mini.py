@@ -126,7 +126,8 @@ class Config:
     micro_batch: int = 128  # rows per forward/backward; gradient accumulation over micro-batches
     # evaluation
     eval_n: int = 500  # held-out prompts (0 = all)
-    eval_samples: int = 4  # samples per held-out prompt at temperature 1 (accuracy = their mean)
+    eval_samples: int = 8  # samples per held-out prompt at temperature 1 (accuracy = their mean)
+    eval_seed: int = 1234  # sampling seed of every evaluation: before/after (and all runs) share random numbers
     eval_every: int = 0  # also evaluate every this many RL steps (0 = only before and after)
     show_progress: bool = True  # tqdm bars
 
@@ -530,7 +531,14 @@ def load_base(path, device):
 # Evaluation: held-out accuracy, sampled at temperature 1 and greedy.
 # ---------------------------------------------------------------------------------------------
 def evaluate(model, tok, rows, cfg, device, greedy, desc):
+    """Held-out accuracy: mean outcome score of `eval_samples` samples per prompt at T=1, or of
+    one greedy response. Sampling uses its own fixed seed (common random numbers), so the
+    before/after difference and the difference between runs are not blurred by sampling noise;
+    the training RNG state is restored afterwards."""
     n = 1 if greedy else cfg.eval_samples
+    rng_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(cfg.eval_seed)
     texts = [prompt_text(tok, r["prompt"]) for r in rows]
     scores = []
     bs = max(1, 512 // n)
@@ -541,6 +549,9 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc):
         outs = tok.batch_decode(resp * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
         s, _ = verify_batch(rows[i:i + bs], outs, n)
         scores.append(s)
+    torch.set_rng_state(rng_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
     return torch.cat(scores).mean().item()
 
 

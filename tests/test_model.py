@@ -207,3 +207,28 @@ def test_filter_keeps_band_groups_and_returns_surplus_prompts_to_the_buffer(tok,
     assert batch.rows[0]["reward_model"]["ground_truth"] == "3", "buffered prompt is generated first"
     # Rounds 2-3 draw prompts 5-8, none passes: the step goes on with the 1 group it has.
     assert buffer == [] and st["kept"] == 1 and st["generated"] == 12 and batch.B == 2
+
+
+def test_evaluation_uses_its_own_seed_and_restores_the_training_rng(tok, monkeypatch):
+    cfg = tiny_cfg(max_new_tokens=8, eval_samples=3)
+    model = make_model(tok, cfg)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+1="}], "ability": "math",
+             "reward_model": {"ground_truth": str(i + 1)}} for i in range(4)]
+    model.set_adapter("policy")
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    pm.evaluate(model, tok, rows, cfg, "cpu", False, "")
+    assert torch.equal(torch.rand(3), expected_next), "training random numbers are unaffected by evaluation"
+    # Same model, same eval seed: the very same samples, whatever the global RNG state was.
+    texts, orig = [], pm.verify_batch
+
+    def spy(rws, outs, K):
+        texts.append(list(outs))
+        return orig(rws, outs, K)
+    monkeypatch.setattr(pm, "verify_batch", spy)
+    torch.manual_seed(1)
+    pm.evaluate(model, tok, rows, cfg, "cpu", False, "")
+    torch.manual_seed(2)
+    pm.evaluate(model, tok, rows, cfg, "cpu", False, "")
+    assert len(texts[0]) == 12 and texts[0] == texts[1]
