@@ -217,7 +217,7 @@ def validate(cfg):
         if (B // n) % cfg.K:
             bad(name, f"mini-batches of {B // n} responses would split groups of K={cfg.K}")
         if (B // n) % cfg.micro_batch and cfg.micro_batch < B // n:
-            bad("micro_batch", f"{cfg.micro_batch} does not divide the {name[:-13]} mini-batch of {B // n} responses")
+            bad("micro_batch", f"{cfg.micro_batch} does not divide the {name.split('_')[0]} mini-batch of {B // n} responses")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")

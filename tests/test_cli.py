@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["--filter-high", "1.5"], "--filter-high: must be in [0, 1]"),
     (["--filter-low", "0.9", "--filter-high", "0.5"], "--filter-low: 0.9 is above --filter-high 0.5"),
     (["--P", "8", "--K", "4", "--policy-minibatches", "3"], "--policy-minibatches: 3 does not divide"),
-    (["--P", "8", "--K", "4", "--micro-batch", "12"], "--micro-batch: 12 does not divide"),
+    (["--P", "8", "--K", "4", "--micro-batch", "12"], "--micro-batch: 12 does not divide the policy mini-batch of 32"),
     (["--data", "nope.jsonl"], "data file not found: nope.jsonl"),
     (["--steps", "0"], "--steps: must be >= 1"),
 ])
