@@ -30,12 +30,14 @@ Paper symbol → variable → Config field
     A_t                       A                       adv_estimator, gamma_process, gamma_outcome
     ε (PPO clip)              eps_clip                eps_clip
 
-Departures from the paper's code [O], each a documented option (see Config and README):
-    1. LoRA adapters on one frozen base instead of three full models (spec §14); LoRA needs larger
-       learning rates than the paper's 5e-7 / 1e-6 full fine-tuning rates.
-    2. `process_coef` and `prm_warmup`: defaults 1 and 0 are [O]; the tiny default may change them.
-    3. Whatever the tiny default changes from [O] is listed in the README's "Defaults" table,
-       with `--faithful` restoring [O]'s algorithmic choices in one flag.
+Departures from the paper's code [O], each an option; `--faithful` restores [O] in one flag:
+    1. LoRA adapters on one frozen base instead of three full models (spec §14); LoRA needs far
+       larger learning rates than the paper's 5e-7 / 1e-6 full fine-tuning rates.
+    2. Double-forward PRM rewards (`prm_update`, [R]'s default; [O]: single-forward), a PRM that
+       learns 3x faster than the policy (`lr_prm`; [O]: 2x), half weight on process returns
+       (`process_coef`; [O]: 1) and a 10-step PRM warm-up (`prm_warmup`; [O]: 0). On the tiny
+       task [O]'s choices let the policy exploit an untrained PRM (README, "Ablations").
+    3. One policy update per iteration (`policy_minibatches`; [O]: 4).
 """
 import dataclasses
 import hashlib
