@@ -1,5 +1,4 @@
 """Models, adapters, sampling helpers and the parts of the loop, on a tiny random Qwen2 (CPU)."""
-import copy
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ def make_model(tok, cfg, seed=0):
     for p in base.parameters():
         p.requires_grad_(False)
     model = pm.add_adapters(base, cfg)
-    # Give the adapters non-zero B so that the two roles actually differ in later tests.
     return model
 
 
