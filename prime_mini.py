@@ -160,7 +160,7 @@ def _field_help():
     for line in inspect.getsource(Config).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
         if m:
-            helps[m.group(1)] = m.group(2)
+            helps[m.group(1)] = m.group(2).replace("%", "%%")  # argparse formats help with %
     return helps
 
 

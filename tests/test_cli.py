@@ -40,6 +40,17 @@ def test_faithful_resets_algorithmic_choices_but_explicit_flags_win():
     assert cfg.process_coef == 1.0 and cfg.prm_warmup == 0 and cfg.prm_update == "single"
 
 
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        pm.parse_config(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in pm.dataclasses.fields(pm.Config):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    flat = " ".join(out.split())  # argparse wraps lines
+    assert "cosine to 10%)" in flat and "β in r_φ = β log π_φ/π_ref" in flat
+
+
 def test_every_config_field_has_help_text():
     helps = pm._field_help()
     missing = [f.name for f in pm.dataclasses.fields(pm.Config) if not helps.get(f.name)]
