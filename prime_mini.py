@@ -379,6 +379,12 @@ def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, g
     return resp, response_mask(resp, tok.eos_token_id)
 
 
+def decode_responses(tok, resp, mask):
+    """Response texts for the verifier: valid tokens only (through the first EOS), no specials."""
+    valid = resp * mask.long() + tok.pad_token_id * (1 - mask.long())  # (B, T) pads after EOS
+    return tok.batch_decode(valid, skip_special_tokens=True)
+
+
 def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=64):
     """log π(y_t | x, y_<t) of each response token (B, T), at temperature 1 (spec §2.2).
 
@@ -548,7 +554,7 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc):
         chunk = [t for t in texts[i:i + bs] for _ in range(n)]
         ids, am = encode_prompts(tok, chunk, device)
         resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy)
-        outs = tok.batch_decode(resp * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
+        outs = decode_responses(tok, resp, mask)
         s, _ = verify_batch(rows[i:i + bs], outs, n)
         scores.append(s)
     torch.set_rng_state(rng_state)
@@ -587,7 +593,7 @@ def collect(model, tok, cfg, stream, buffer, device):
         resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature)
         t_gen += time.time() - t
         t = time.time()
-        outs = tok.batch_decode(resp * mask.long() + tok.pad_token_id * (1 - mask.long()), skip_special_tokens=True)
+        outs = decode_responses(tok, resp, mask)
         r_o, why = verify_batch(rows, outs, K)
         t_ver += time.time() - t
         for k, v in why.items():
@@ -646,8 +652,8 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm):
     q = torch.cat(qs)  # (B, T)
     stats = {"prm_loss": sum(losses), "prm_acc_fresh": prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)}
     if cfg.prm_update != "none":
-        q_after = logprobs_nograd(model, batch, micro)
-        q_after = prm.implicit_rewards(q_after, logp_ref, batch.mask)  # (B, T)
+        logp_phi = logprobs_nograd(model, batch, micro)  # (B, T) the updated PRM
+        q_after = prm.implicit_rewards(logp_phi, logp_ref, batch.mask)  # (B, T)
         stats["prm_acc_after"] = prm.pairwise_accuracy(q_after, batch.r_o, batch.mask, K)
         if cfg.prm_update == "double":
             q = q_after
