@@ -117,3 +117,10 @@ def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     again = subprocess.run(argv[:5] + ["micro2"] + argv[6:], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "SFT model: reusing" in again.stdout
+    # --model: a saved causal LM folder is the SFT model (here the cached tiny one); no SFT runs.
+    sft_dir = json.loads((run / "config.json").read_text())["base_path"]
+    argv_model = argv[:5] + ["micro3", "--model", sft_dir] + argv[6:]
+    third = subprocess.run(argv_model, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "SFT warm-up" not in third.stdout and "SFT model: reusing" not in third.stdout
+    assert (runs / "micro3" / "summary.json").exists()
