@@ -91,7 +91,7 @@ class Config:
     retrain_sft: bool = False  # retrain the SFT model even if a cached one exists
     # RL: rollout and filter (paper §3.3, §4.1; spec §6, §8)
     steps: int = 120  # RL steps (paper: 240 for Table 1, 592 for the release)
-    P: int = 32  # prompts kept per step (paper: 256; 32 keeps a CPU step near 1.5 s)
+    P: int = 32  # prompts kept per step (paper: 256; 32 keeps a CPU step near 2 s)
     K: int = 4  # samples per prompt (paper §4.1: 4)
     temperature: float = 1.0  # sampling temperature of rollouts (spec §8: 1.0, top_p 1, no top_k)
     max_new_tokens: int = 64  # longest response (paper: 3072)
@@ -797,7 +797,7 @@ def run(cfg):
         # 6. Advantages: RLOO on process and outcome rewards, summed, whitened. Optional guards
         # (off in [O]): a PRM warm-up, and a gate on the PRM's ranking of fresh samples.
         if use_prm:
-            if step > 1:  # at step 1 every q is 0: all pairs tie, which counts as 0
+            if step > 1:  # step 1 scores (part of) the batch with the zero PRM: ties count as 0
                 acc_ema = 0.9 * acc_ema + 0.1 * m["prm_acc_fresh"]
             m["prm_acc_ema"] = acc_ema
         m["process_on"] = use_prm and step > cfg.prm_warmup and acc_ema >= cfg.prm_gate

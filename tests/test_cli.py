@@ -70,8 +70,7 @@ def test_malformed_row_names_file_and_line(tmp_path, line, needle):
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(pm.ConfigError) as e:
         pm.load_rows(str(path))
-    assert str(e.value).endswith(needle.split(": ", 1)[1]) or needle.split(":", 1)[1] in str(e.value)
-    assert f"{path}:2" in str(e.value)
+    assert needle in str(e.value) and str(e.value).startswith(f"{path}:2: ")
 
 
 def test_malformed_data_stops_before_any_model_is_built(tmp_path):
