@@ -131,6 +131,12 @@ class Config:
     eval_samples: int = 8  # samples per held-out prompt at temperature 1 (accuracy = their mean)
     eval_seed: int = 1234  # sampling seed of every evaluation: before/after (and all runs) share random numbers
     eval_every: int = 0  # also evaluate every this many RL steps (0 = only before and after)
+    reward_pages: int = 6  # prompts on the token-reward page written at the end (rewards.html; 0 = none)
+    # checkpoints and logging
+    save_every: int = 20  # checkpoint (adapters, optimizers, RNG, data position) every this many steps, and at the end; 0 = only at the end
+    resume: str = ""  # a run directory: continue from its last complete checkpoint with its config.json (--steps may extend it)
+    tensorboard: bool = True  # also write TensorBoard event files (only when tensorboard is installed)
+    wandb_project: str = ""  # also log to Weights & Biases under this project (needs `pip install wandb`); empty = off
     show_progress: bool = True  # tqdm bars
 
 
@@ -178,16 +184,52 @@ def parse_config(argv=None):
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             ap.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name),
                             choices=CHOICES.get(f.name), dest=f.name)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-    if cfg.faithful:
-        explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-                    if a.startswith("--")}
+    explicit = _explicit_fields(argv)
+    if cfg.resume:
+        cfg = resumed_config(cfg, explicit)
+    elif cfg.faithful:
         for k, v in FAITHFUL.items():
             if k not in explicit:  # a flag given explicitly still wins
                 setattr(cfg, k, v)
     validate(cfg)
     return cfg
+
+
+def _explicit_fields(argv):
+    """The Config fields named on the command line (`--no-x` names `x`)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    out = set()
+    for a in argv:
+        if a.startswith("--"):
+            n = a[2:].split("=")[0].replace("-", "_")
+            out.add(n[3:] if n.startswith("no_") and n[3:] in names else n)
+    return out
+
+
+# What may change when a run is resumed: everything else comes from the run's config.json, so
+# that the continued run is the run that was started.
+RESUME_FIELDS = ("resume", "steps", "save_every", "threads", "device", "show_progress")
+
+
+def resumed_config(cfg, explicit):
+    """The Config of the run in `cfg.resume` (its config.json), with the few resumable overrides."""
+    path = os.path.join(cfg.resume, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"--resume: {path} not found: not a run directory")
+    other = sorted(explicit - set(RESUME_FIELDS))
+    if other:
+        raise ConfigError(f"--resume continues a run with its saved config.json; only "
+                          f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FIELDS[1:])} may be given, "
+                          f"not --{other[0].replace('_', '-')}")
+    saved = json.load(open(path))
+    new = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+    for k in RESUME_FIELDS:
+        if k in explicit or k == "resume":
+            setattr(new, k, getattr(cfg, k))
+    return new
 
 
 class ConfigError(ValueError):
@@ -226,6 +268,12 @@ def validate(cfg):
     for path in cfg.data.split(",") + [cfg.test_data] + ([] if cfg.model else [cfg.sft_data]):
         if not os.path.exists(resolve(path)):
             raise ConfigError(f"data file not found: {path}")
+    if cfg.resume and latest_checkpoint(cfg.resume) is None:
+        bad("resume", f"{cfg.resume} has no complete checkpoint (checkpoint-NNNNNN folder) to resume from")
+    if cfg.wandb_project:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            bad("wandb_project", "wandb is not installed (pip install wandb), or leave the flag out")
 
 
 def resolve(path):
@@ -566,27 +614,42 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc):
 # ---------------------------------------------------------------------------------------------
 # The RL loop, as the paper's Algorithm 1.
 # ---------------------------------------------------------------------------------------------
-def prompt_stream(rows, seed):
-    """Endless shuffled passes over the RL prompts (a new order each epoch)."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for i in order:
-            yield rows[i]
+class PromptStream:
+    """Endless shuffled passes over the RL prompts (a new order each epoch), as row indices.
+    Its position is part of a checkpoint: `state()` / `load_state()`."""
+
+    def __init__(self, n, seed):
+        self.n, self.rng, self.order, self.pos = n, random.Random(seed), [], 0
+
+    def next(self):
+        if self.pos == len(self.order):  # start a new epoch
+            self.order = list(range(self.n))
+            self.rng.shuffle(self.order)
+            self.pos = 0
+        self.pos += 1
+        return self.order[self.pos - 1]
+
+    def state(self):
+        return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos}
+
+    def load_state(self, st):
+        self.rng.setstate(st["rng"])
+        self.order, self.pos = list(st["order"]), st["pos"]
 
 
-def collect(model, tok, cfg, stream, buffer, device):
+def collect(model, tok, cfg, train_rows, stream, buffer, device):
     """Blocks 1-3: sample K per prompt, verify, keep prompts with accuracy in the band.
 
     Generates batches of P prompts (leftover prompts from the buffer first, spec §6) until P
     groups pass the filter or `max_rollout_rounds` is reached; surplus passing prompts go back to
-    the buffer (their rollouts are discarded, as in [O]). Returns (Rollout or None, stats).
+    the buffer (their rollouts are discarded, as in [O]). The buffer and the stream hold indices
+    into `train_rows`. Returns (Rollout or None, stats).
     """
     K = cfg.K
     kept, n_gen, n_correct, reasons, t_gen, t_ver = [], 0, 0.0, {}, 0.0, 0.0
     for _ in range(cfg.max_rollout_rounds):
-        rows = [buffer.pop(0) if buffer else next(stream) for _ in range(cfg.P)]
+        idx = [buffer.pop(0) if buffer else stream.next() for _ in range(cfg.P)]
+        rows = [train_rows[i] for i in idx]
         texts = [prompt_text(tok, r["prompt"]) for r in rows for _ in range(K)]  # K consecutive copies
         p_ids, p_mask = encode_prompts(tok, texts, device)
         t = time.time()
@@ -603,7 +666,7 @@ def collect(model, tok, cfg, stream, buffer, device):
         keep = rl.accuracy_filter(r_o, K, cfg.filter_low, cfg.filter_high)  # (P,)
         for g in keep.nonzero().flatten().tolist():
             sl = slice(g * K, (g + 1) * K)
-            kept.append((rows[g], p_ids[sl], p_mask[sl], resp[sl], mask[sl], r_o[sl], outs[sl]))
+            kept.append((idx[g], p_ids[sl], p_mask[sl], resp[sl], mask[sl], r_o[sl], outs[sl]))
         if len(kept) >= cfg.P:
             break
     buffer.extend(k[0] for k in kept[cfg.P:])  # surplus prompts are re-generated next step
@@ -615,7 +678,7 @@ def collect(model, tok, cfg, stream, buffer, device):
                     prompt_mask=pad_cat([k[2] for k in kept], left=True, value=0),
                     resp=pad_cat([k[3] for k in kept], left=False, value=tok.pad_token_id),
                     mask=pad_cat([k[4] for k in kept], left=False, value=0.0),
-                    r_o=torch.cat([k[5] for k in kept]).to(device), rows=[k[0] for k in kept],
+                    r_o=torch.cat([k[5] for k in kept]).to(device), rows=[train_rows[k[0]] for k in kept],
                     texts=[t for k in kept for t in k[6]])
     return batch, stats
 
@@ -724,6 +787,216 @@ def fmt_step(step, cfg, m):
     return s
 
 
+# ---------------------------------------------------------------------------------------------
+# Seeing the process rewards: an HTML page of sampled responses, each token coloured by β·q_t.
+# ---------------------------------------------------------------------------------------------
+def reward_page_html(groups, beta, title):
+    """A self-contained HTML page. `groups`: [{"prompt", "answer", "responses": [{"tokens": [str],
+    "r": [float] (β·q_t per token), "r_o": float}]}]. Green: the PRM credits a token; red: blames it."""
+    import html
+    vals = [abs(v) for g in groups for resp in g["responses"] for v in resp["r"]]
+    scale = sorted(vals)[math.ceil(0.98 * (len(vals) - 1))] if vals else 1.0  # robust to a few outliers
+    scale = scale or 1.0
+
+    def span(tok, v):
+        a = min(1.0, abs(v) / scale)
+        rgb = "0,150,60" if v >= 0 else "215,40,40"
+        shown = html.escape(tok).replace("\n", "↵\n")
+        return f'<span class="t" style="background:rgba({rgb},{a:.2f})" title="{v:+.4f}">{shown}</span>'
+
+    parts = [f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;color:#222}}
+.g{{border-top:1px solid #ccc;padding:.4em 0}} .p{{font-family:monospace;color:#555}}
+.r{{display:flex;gap:1em;align-items:baseline;margin:.3em 0}}
+.meta{{min-width:11em;font-size:90%}} .ok{{color:#080}} .bad{{color:#c00}}
+.resp{{font-family:monospace;white-space:pre-wrap;line-height:1.6}} .t{{border-radius:2px;padding:0 1px}}</style>
+</head><body><h2>{html.escape(title)}</h2>
+<p>Each response token is coloured by its implicit process reward <b>β·q<sub>t</sub> = β·log
+π<sub>φ</sub>(y<sub>t</sub>)/π<sub>ref</sub>(y<sub>t</sub>)</b> (β = {beta}): <span style="background:rgba(0,150,60,.8)">
+green</span> where the PRM credits the token, <span style="background:rgba(215,40,40,.8)">red</span> where it blames
+it; full colour at |β·q<sub>t</sub>| ≥ {scale:.3g}. Hover a token for its value. r<sub>o</sub> is the verifier's outcome;
+Σ = β·Σ<sub>t</sub>q<sub>t</sub> is the PRM's sequence reward (its logit that the response is correct).</p>"""]
+    for g in groups:
+        parts.append(f'<div class="g"><div class="p">prompt: {html.escape(g["prompt"])} &nbsp; '
+                     f'(answer {html.escape(str(g["answer"]))})</div>')
+        for resp in g["responses"]:
+            cls, mark = ("ok", "✓") if resp["r_o"] >= 1 else ("bad", "✗")
+            parts.append(f'<div class="r"><div class="meta"><span class="{cls}">{mark} r<sub>o</sub> = '
+                         f'{resp["r_o"]:g}</span> &nbsp; Σ = <span class="sum">{sum(resp["r"]):+.3f}</span></div>'
+                         f'<div class="resp">{"".join(span(t, v) for t, v in zip(resp["tokens"], resp["r"]))}</div></div>')
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_reward_page(model, tok, rows, cfg, device, path, n_prompts=None):
+    """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
+    against π_ref, and write the page; prompts whose samples are both right and wrong come first."""
+    n_prompts = n_prompts or cfg.reward_pages
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(cfg.eval_seed)
+    cand = rows[: 4 * n_prompts]
+    texts = [prompt_text(tok, r["prompt"]) for r in cand for _ in range(cfg.K)]
+    p_ids, p_mask = encode_prompts(tok, texts, device)
+    model.set_adapter("policy")
+    resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature)
+    torch.set_rng_state(rng_state)
+    r_o, _ = verify_batch(cand, decode_responses(tok, resp, mask), cfg.K)
+    batch = Rollout(p_ids, p_mask, resp, mask, r_o, cand)
+    model.set_adapter("prm")
+    logp_phi = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+    with model.disable_adapter():
+        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+    model.set_adapter("policy")
+    r = cfg.beta * prm.implicit_rewards(logp_phi, logp_ref, mask)  # (B, T) β·q_t
+    groups = []
+    for g, row in enumerate(cand):
+        sl = range(g * cfg.K, (g + 1) * cfg.K)
+        responses = []
+        for i in sl:
+            n = int(mask[i].sum())
+            responses.append({"tokens": [tok.decode([t]) for t in resp[i, :n].tolist()],
+                              "r": r[i, :n].tolist(), "r_o": r_o[i].item()})
+        mixed = len({x["r_o"] for x in responses}) > 1
+        groups.append((not mixed, g, {"prompt": texts[g * cfg.K], "answer": row["reward_model"]["ground_truth"],
+                                      "responses": responses}))
+    groups = [x[2] for x in sorted(groups, key=lambda x: x[:2])[:n_prompts]]
+    with open(path, "w") as f:
+        f.write(reward_page_html(groups, cfg.beta, f"Implicit process rewards: {os.path.dirname(os.path.abspath(path))}"))
+    print(f"token-reward page: {path}")
+    return path
+
+
+def show_rewards_main(argv):
+    """`python prime_mini.py show-rewards RUN_DIR`: the token-reward page of a saved run."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="prime_mini.py show-rewards", description=show_rewards_main.__doc__)
+    ap.add_argument("run_dir", help="a run directory (with config.json and adapters/ or a checkpoint)")
+    ap.add_argument("--prompts", type=int, default=6, help="held-out prompts on the page (K responses each)")
+    ap.add_argument("--out", default="", help="output file (default: RUN_DIR/rewards.html)")
+    args = ap.parse_args(argv)
+    path = os.path.join(args.run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} not found: not a run directory")
+    saved = json.load(open(path))
+    cfg = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+    folder = os.path.join(args.run_dir, "adapters")
+    if not os.path.isdir(folder):
+        ckpt = latest_checkpoint(args.run_dir)
+        if ckpt is None:
+            raise ConfigError(f"{args.run_dir}: no adapters/ folder and no checkpoint")
+        folder = os.path.join(ckpt, "adapters")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, tok = load_base(saved["base_path"], device)
+    model = add_adapters(base, cfg)
+    load_adapters(model, folder)
+    rows = load_rows(cfg.test_data)
+    return write_reward_page(model, tok, rows, cfg, device, args.out or os.path.join(args.run_dir, "rewards.html"),
+                             n_prompts=args.prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and logs: a run killed at any moment resumes from its last complete checkpoint.
+# ---------------------------------------------------------------------------------------------
+def latest_checkpoint(run_dir):
+    """The newest complete checkpoint folder of a run, or None. A folder is complete once renamed
+    from `checkpoint-NNNNNN.tmp` to `checkpoint-NNNNNN` (the rename is atomic)."""
+    found = sorted(d for d in os.listdir(run_dir) if re.fullmatch(r"checkpoint-\d{6}", d)) if os.path.isdir(run_dir) else []
+    return os.path.join(run_dir, found[-1]) if found else None
+
+
+def save_checkpoint(run_dir, step, model, opt_policy, opt_prm, state):
+    """Both adapters (peft format), both optimizers, RNG states and `state` (data position, ...),
+    written to a temporary folder and renamed; older checkpoints are removed afterwards."""
+    import shutil
+    final = os.path.join(run_dir, f"checkpoint-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "adapters"))  # adapters/policy/, adapters/prm/
+    torch.save({**state, "step": step, "opt_policy": opt_policy.state_dict(), "opt_prm": opt_prm.state_dict(),
+                "rng_python": random.getstate(), "rng_torch": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for d in os.listdir(run_dir):
+        if re.fullmatch(r"checkpoint-\d{6}(\.tmp)?", d) and os.path.join(run_dir, d) != final:
+            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+
+
+def load_adapters(model, folder):
+    """Load the `policy` and `prm` adapter weights saved by `save_pretrained` into `model`."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+    for name in ("policy", "prm"):
+        set_peft_model_state_dict(model, load_peft_weights(os.path.join(folder, name)), adapter_name=name)
+
+
+def load_checkpoint(path, model, opt_policy, opt_prm):
+    """Restore what `save_checkpoint` wrote; returns its `state` dict."""
+    load_adapters(model, os.path.join(path, "adapters"))
+    st = torch.load(os.path.join(path, "state.pt"), weights_only=False)  # our own file: RNG tuples inside
+    opt_policy.load_state_dict(st["opt_policy"])
+    opt_prm.load_state_dict(st["opt_prm"])
+    random.setstate(st["rng_python"])
+    torch.set_rng_state(st["rng_torch"])
+    if st["rng_cuda"] is not None:
+        torch.cuda.set_rng_state_all(st["rng_cuda"])
+    return st
+
+
+def open_metrics(run_dir, last_step):
+    """metrics.jsonl for appending, cut back to `last_step` (a resumed run re-does later steps)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    keep = []
+    if last_step and os.path.exists(path):
+        for line in open(path):
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut short by the kill
+            if m["step"] <= last_step:
+                keep.append(json.dumps(m) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def make_logger(cfg, run_dir, last_step):
+    """A `log(m)` function writing one step's metrics to metrics.jsonl, and to TensorBoard (when
+    installed) and wandb (when asked for) under the same names; and a `close()`."""
+    metrics_f = open_metrics(run_dir, last_step)
+    tb = wb = None
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(run_dir, purge_step=last_step + 1)  # drop events of re-done steps
+        except ImportError:
+            pass  # tensorboard is optional
+    if cfg.wandb_project:
+        import wandb
+        wb = wandb.init(project=cfg.wandb_project, name=os.path.basename(run_dir), id=os.path.basename(run_dir),
+                        dir=run_dir, config=dataclasses.asdict(cfg), resume="allow")
+
+    def log(m):
+        metrics_f.write(json.dumps(m) + "\n")
+        metrics_f.flush()
+        scalars = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}
+        if tb:
+            for k, v in scalars.items():
+                tb.add_scalar(k, v, m["step"])
+        if wb:
+            wb.log(scalars, step=m["step"])
+
+    def close():
+        metrics_f.close()
+        if tb:
+            tb.close()
+        if wb:
+            wb.finish()
+    return log, close
+
+
 def run(cfg):
     t_start = time.time()
     random.seed(cfg.seed)
@@ -735,99 +1008,120 @@ def run(cfg):
     train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
     test_rows = load_rows(cfg.test_data)[: cfg.eval_n or None]
 
+    rng = torch.get_rng_state()  # SFT seeds its own RNG: a cold run must draw what a cached one does
     base_path = cfg.model if cfg.model else sft_warmup(cfg, device)
+    torch.set_rng_state(rng)
     base, tok = load_base(base_path, device)
     model = add_adapters(base, cfg)
     opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
     opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # spec §3.3
 
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.reward_mode}-s{cfg.seed}"
-    run_dir = os.path.join(cfg.out_dir, name)
-    os.makedirs(run_dir, exist_ok=True)
+    if cfg.resume:
+        run_dir = cfg.resume
+    else:
+        name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.reward_mode}-s{cfg.seed}"
+        run_dir = os.path.join(cfg.out_dir, name)
+        os.makedirs(run_dir, exist_ok=True)
+        json.dump({**dataclasses.asdict(cfg), "base_path": base_path, "device_used": device},
+                  open(os.path.join(run_dir, "config.json"), "w"), indent=2)
     print(f"run directory: {run_dir}")
-    json.dump({**dataclasses.asdict(cfg), "base_path": base_path, "device": device},
-              open(os.path.join(run_dir, "config.json"), "w"), indent=2)
-    metrics_f = open(os.path.join(run_dir, "metrics.jsonl"), "w")
 
-    model.set_adapter("policy")  # generation and evaluation use π_θ
-    acc_before = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL")
-    greedy_before = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) before RL")
-    print(f"before RL: held-out accuracy sampled {acc_before:.3f} | greedy {greedy_before:.3f}")
-
-    stream, buffer = prompt_stream(train_rows, cfg.seed), []
+    stream, buffer = PromptStream(len(train_rows), cfg.seed), []
     gen = torch.Generator().manual_seed(cfg.seed)
-    use_prm = cfg.reward_mode == "prime"
     acc_ema = 0.5  # running mean of the PRM's pairwise accuracy on fresh batches, from chance
-    bar = tqdm(range(1, cfg.steps + 1), desc="RL", disable=not cfg.show_progress, mininterval=1)
+    model.set_adapter("policy")  # generation and evaluation use π_θ
+    if cfg.resume:
+        ckpt = latest_checkpoint(run_dir)
+        st = load_checkpoint(ckpt, model, opt_policy, opt_prm)
+        stream.load_state(st["stream"])
+        buffer, acc_ema, start, ev = st["buffer"], st["acc_ema"], st["step"], st["eval_before"]
+        gen.set_state(st["rng_gen"])
+        t_start -= st["wall_time_s"]
+        print(f"resuming from {ckpt} (step {start}); metrics after step {start} are re-done")
+    else:
+        start = 0
+        ev = {"acc_before": evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL"),
+              "greedy_before": evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) before RL")}
+    print(f"before RL: held-out accuracy sampled {ev['acc_before']:.3f} | greedy {ev['greedy_before']:.3f}")
+    log, close_log = make_logger(cfg, run_dir, start)
+
+    use_prm = cfg.reward_mode == "prime"
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="RL", disable=not cfg.show_progress, mininterval=1,
+               initial=start, total=cfg.steps)
     for step in bar:
         t0 = time.time()
         m = {"step": step}
         # 1-3. Rollout, verify, filter (with refill from the prompt buffer).
         model.set_adapter("policy")
-        batch, st = collect(model, tok, cfg, stream, buffer, device)
+        batch, st = collect(model, tok, cfg, train_rows, stream, buffer, device)
         m.update(st)
         if batch is None:
             m.update(len=float("nan"), t_step=time.time() - t0)
             tqdm.write(f"step {step}/{cfg.steps} | acc {m['acc']:.3f} | kept {m['kept']}/{cfg.P} | skipped: too few prompts in the band")
-            metrics_f.write(json.dumps(m) + "\n")
-            continue
-        m["len"] = batch.mask.sum(1).mean().item()
+        else:
+            m["len"] = batch.mask.sum(1).mean().item()
 
-        # log π_old: the training policy's log-probs right after rollout ([O]). With one policy
-        # mini-batch they come for free from the update's own forward (see policy_step).
-        t = time.time()
-        logp_old = None
-        if cfg.policy_minibatches > 1 or (use_prm and cfg.ref_type == "policy"):
-            logp_old = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
-        m["t_policy"] = time.time() - t
-
-        # 4-5. Implicit process rewards and the PRM's cross-entropy update.
-        q = None
-        if use_prm:
+            # log π_old: the training policy's log-probs right after rollout ([O]). With one policy
+            # mini-batch they come for free from the update's own forward (see policy_step).
             t = time.time()
-            if cfg.ref_type == "freeze":
-                with model.disable_adapter():  # π_ref: the same base, adapters off
-                    logp_ref = logprobs_nograd(model, batch, cfg.micro_batch)
-            else:
-                logp_ref = logp_old
-            q, st = prm_step(model, batch, logp_ref, cfg, opt_prm)
+            logp_old = None
+            if cfg.policy_minibatches > 1 or (use_prm and cfg.ref_type == "policy"):
+                logp_old = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+            m["t_policy"] = time.time() - t
+
+            # 4-5. Implicit process rewards and the PRM's cross-entropy update.
+            q = None
+            if use_prm:
+                t = time.time()
+                if cfg.ref_type == "freeze":
+                    with model.disable_adapter():  # π_ref: the same base, adapters off
+                        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch)
+                else:
+                    logp_ref = logp_old
+                q, st = prm_step(model, batch, logp_ref, cfg, opt_prm)
+                m.update(st)
+                m["t_prm"] = time.time() - t
+
+            # 6. Advantages: RLOO on process and outcome rewards, summed, whitened. Optional guards
+            # (off in [O]): a PRM warm-up, and a gate on the PRM's ranking of fresh samples.
+            if use_prm:
+                if step > 1:  # step 1 scores (part of) the batch with the zero PRM: ties count as 0
+                    acc_ema = 0.9 * acc_ema + 0.1 * m["prm_acc_fresh"]
+                m["prm_acc_ema"] = acc_ema
+            m["process_on"] = use_prm and step > cfg.prm_warmup and acc_ema >= cfg.prm_gate
+            A, st = advantages(q, batch, cfg, use_process=m["process_on"])
             m.update(st)
-            m["t_prm"] = time.time() - t
 
-        # 6. Advantages: RLOO on process and outcome rewards, summed, whitened. Optional guards
-        # (off in [O]): a PRM warm-up, and a gate on the PRM's ranking of fresh samples.
-        if use_prm:
-            if step > 1:  # step 1 scores (part of) the batch with the zero PRM: ties count as 0
-                acc_ema = 0.9 * acc_ema + 0.1 * m["prm_acc_fresh"]
-            m["prm_acc_ema"] = acc_ema
-        m["process_on"] = use_prm and step > cfg.prm_warmup and acc_ema >= cfg.prm_gate
-        A, st = advantages(q, batch, cfg, use_process=m["process_on"])
-        m.update(st)
+            # 7. PPO-clip policy update.
+            t = time.time()
+            m.update(policy_step(model, batch, logp_old, A, cfg, opt_policy, gen))
+            m["t_policy"] += time.time() - t
+            model.set_adapter("policy")
 
-        # 7. PPO-clip policy update.
-        t = time.time()
-        m.update(policy_step(model, batch, logp_old, A, cfg, opt_policy, gen))
-        m["t_policy"] += time.time() - t
-        model.set_adapter("policy")
+            # 8. Log, evaluate, checkpoint.
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                m["eval_acc"] = evaluate(model, tok, test_rows, cfg, device, False, f"eval step {step}")
+            m["t_step"] = time.time() - t0
+            tqdm.write(fmt_step(step, cfg, m))
+        log(m)
+        if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+            save_checkpoint(run_dir, step, model, opt_policy, opt_prm,
+                            {"stream": stream.state(), "buffer": list(buffer), "acc_ema": acc_ema,
+                             "rng_gen": gen.get_state(), "eval_before": ev, "wall_time_s": time.time() - t_start})
+    close_log()
 
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            m["eval_acc"] = evaluate(model, tok, test_rows, cfg, device, False, f"eval step {step}")
-        m["t_step"] = time.time() - t0
-        tqdm.write(fmt_step(step, cfg, m))
-        metrics_f.write(json.dumps(m) + "\n")
-        metrics_f.flush()
-    metrics_f.close()
-
-    # Evaluation after RL, then save both adapters (peft format) and the summary.
+    # Evaluation after RL, the token-reward page, both adapters (peft format) and the summary.
     model.set_adapter("policy")
     acc_after = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) after RL")
     greedy_after = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) after RL")
+    if cfg.reward_pages and use_prm:
+        write_reward_page(model, tok, test_rows, cfg, device, os.path.join(run_dir, "rewards.html"))
     model.save_pretrained(os.path.join(run_dir, "adapters"))  # adapters/policy/ and adapters/prm/
-    summary = {"acc_before": acc_before, "acc_after": acc_after, "greedy_before": greedy_before,
-               "greedy_after": greedy_after, "seed": cfg.seed, "reward_mode": cfg.reward_mode,
-               "steps": cfg.steps, "eval_prompts": len(test_rows), "eval_samples": cfg.eval_samples,
-               "wall_time_s": time.time() - t_start}
+    summary = {**ev, "acc_after": acc_after, "greedy_after": greedy_after, "seed": cfg.seed,
+               "reward_mode": cfg.reward_mode, "steps": cfg.steps, "eval_prompts": len(test_rows),
+               "eval_samples": cfg.eval_samples, "wall_time_s": time.time() - t_start}
     json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=2)
+    acc_before, greedy_before = ev["acc_before"], ev["greedy_before"]
     print("\nheld-out accuracy (%d prompts)   sampled T=1 (%d/prompt)   greedy" % (len(test_rows), cfg.eval_samples))
     print(f"  before RL (SFT model)        {acc_before:.3f}                    {greedy_before:.3f}")
     print(f"  after RL ({cfg.reward_mode}, {cfg.steps} steps)   {acc_after:.3f}                    {greedy_after:.3f}")
@@ -836,15 +1130,192 @@ def run(cfg):
     return summary, run_dir
 
 
-def main(argv=None):
-    try:
-        cfg = parse_config(argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
+# ---------------------------------------------------------------------------------------------
+# compare: arms x seeds on the same task, one folder with a plot and a table (paper Figure 3).
+# ---------------------------------------------------------------------------------------------
+ARMS = {  # named arms; any other arm is written NAME:flag=value:flag=value (e.g. coef1:process-coef=1)
+    "prime": [],
+    "outcome": ["--reward-mode", "outcome"],
+    "faithful": ["--faithful"],
+    "prm-frozen": ["--prm-update", "none"],
+    "grpo": ["--adv-estimator", "grpo"],
+    "reinforce": ["--adv-estimator", "reinforce"],
+}
+
+
+def arm_flags(arm):
+    """(name, flags) of an arm: a name in ARMS or `name:flag=value:flag` (a bare flag is a switch)."""
+    name, *pairs = arm.split(":")
+    if not pairs:
+        if name not in ARMS:
+            raise ConfigError(f"--arms: unknown arm {name!r}; use one of {', '.join(ARMS)} or NAME:flag=value")
+        return name, list(ARMS[name])
+    flags = []
+    for pair in pairs:
+        k, _, v = pair.partition("=")
+        flags += ["--" + k.lstrip("-")] + ([v] if v else [])
+    return name, flags
+
+
+def compare_table(results, ref, window=10):
+    """Per arm, from each seed's metrics and summary: final training reward (mean sampled accuracy,
+    before filtering, of the last `window` steps), the first step at which the arm's seed-mean
+    curve (trailing mean over `window` steps) reaches the `ref` arm's final reward, the ratio of
+    those step counts (sample efficiency, paper: PRIME reaches it in 40% of the steps), median
+    seconds per step and its ratio to `ref`, held-out accuracy before/after, and the PRM's
+    pairwise ranking accuracy on fresh batches. `results`: {arm: [{"metrics": [...], "summary": {...}}]}."""
+    import statistics as stats_
+
+    def mean_sd(xs):
+        return (stats_.mean(xs), stats_.stdev(xs) if len(xs) > 1 else 0.0)
+    table = {}
+    for arm, seeds in results.items():
+        curves = [[m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])] for r in seeds]
+        n = min(map(len, curves))
+        mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(n)]  # (steps,)
+        smooth = [sum(mean_curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(n)]
+        t_steps = [m["t_step"] for r in seeds for m in r["metrics"] if "t_step" in m]
+        prm_acc = [m["prm_acc_fresh"] for r in seeds for m in r["metrics"] if m.get("process_on") and "prm_acc_fresh" in m]
+        table[arm] = {"seeds": len(seeds), "final_reward": mean_sd([sum(c[n - window:n]) / window for c in curves]),
+                      "curve": mean_curve, "smooth": smooth, "t_step": stats_.median(t_steps) if t_steps else float("nan"),
+                      "prm_acc_fresh": stats_.mean(prm_acc) if prm_acc else None,
+                      **{k: mean_sd([r["summary"][k] for r in seeds]) for k in
+                         ("acc_before", "acc_after", "greedy_before", "greedy_after")}}
+    target = table[ref]["final_reward"][0]
+    for arm, row in table.items():
+        hit = next((i + 1 for i, v in enumerate(row["smooth"]) if v >= target), None)
+        row["steps_to_target"] = hit
+        row["t_ratio"] = row["t_step"] / table[ref]["t_step"]
+    for arm, row in table.items():
+        ref_hit = table[ref]["steps_to_target"]
+        row["efficiency"] = ref_hit / row["steps_to_target"] if (ref_hit and row["steps_to_target"]) else None
+    return table, target
+
+
+def compare_markdown(table, ref, target, window):
+    def pm_(x):
+        return f"{x[0]:.3f} ± {x[1]:.3f}"
+    lines = [f"| arm | seeds | training reward, last {window} steps | held-out sampled: before → after (Δ) | "
+             f"held-out greedy Δ | steps to reach {ref}'s final reward ({target:.3f}) | sample efficiency vs {ref} | "
+             f"s/step (median) | time vs {ref} | PRM ranking acc. (fresh) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, r in table.items():
+        d = r["acc_after"][0] - r["acc_before"][0]
+        g = r["greedy_after"][0] - r["greedy_before"][0]
+        hit = r["steps_to_target"] or "not reached"
+        eff = f"{r['efficiency']:.2f}x" if r["efficiency"] else "-"
+        prm_acc = f"{r['prm_acc_fresh']:.3f}" if r["prm_acc_fresh"] is not None else "-"
+        lines.append(f"| {arm} | {r['seeds']} | {pm_(r['final_reward'])} | {r['acc_before'][0]:.3f} → "
+                     f"{pm_(r['acc_after'])} ({d:+.3f}) | {g:+.3f} | {hit} | {eff} | {r['t_step']:.2f} | "
+                     f"{r['t_ratio']:.2f}x | {prm_acc} |")
+    return "\n".join(lines)
+
+
+def compare_plot(results, table, ref, target, window, path):
+    """Training reward and held-out accuracy against RL step: one line per arm, band = ±1 sd over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm, seeds in results.items():
+        n = len(table[arm]["curve"])
+        curves = np.array([[m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])][:n] for r in seeds])
+        sm = np.array([[c[max(0, i - window + 1):i + 1].mean() for i in range(n)] for c in curves])  # trailing mean
+        x = np.arange(1, n + 1)
+        line, = ax1.plot(x, sm.mean(0), label=arm)
+        ax1.fill_between(x, sm.mean(0) - sm.std(0), sm.mean(0) + sm.std(0), color=line.get_color(), alpha=0.2)
+        # Held-out: before RL (step 0), every eval_every steps, after RL.
+        pts = []
+        for r in seeds:
+            p = {0: r["summary"]["acc_before"], r["summary"]["steps"]: r["summary"]["acc_after"]}
+            p.update({m["step"]: m["eval_acc"] for m in r["metrics"] if "eval_acc" in m})
+            pts.append(p)
+        steps = sorted(set.intersection(*[set(p) for p in pts]))
+        ys = np.array([[p[s] for s in steps] for p in pts])
+        ax2.plot(steps, ys.mean(0), marker="o", color=line.get_color(), label=arm)
+        ax2.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
+    ax1.axhline(target, color="gray", ls="--", lw=1, label=f"{ref} final ({target:.3f})")
+    ax1.set(xlabel="RL step", ylabel=f"training reward (sampled accuracy, mean of last {window} steps)",
+            title="Training reward")
+    ax2.set(xlabel="RL step", ylabel="held-out accuracy (sampled, T=1)", title="Held-out accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    n_seeds = len(next(iter(results.values())))
+    fig.suptitle(f"PRIME vs outcome-only on the default task ({n_seeds} seeds; band: ±1 sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_main(argv):
+    """`python prime_mini.py compare --arms prime,outcome --seeds 3 [flags for every arm]`: runs
+    every arm with every seed (same seed = same data order and the same SFT model), then writes
+    compare.png, compare.md and compare.json into one folder. Finished runs are reused and an
+    interrupted one resumes from its checkpoint, so the command can be run again after a kill."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="prime_mini.py compare", description=compare_main.__doc__)
+    ap.add_argument("--arms", default="prime,outcome", help=f"comma-separated arms: {', '.join(ARMS)}, or NAME:flag=value:...")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every arm")
+    ap.add_argument("--ref", default="", help="arm whose final training reward is the target (default: outcome if present, else the first)")
+    ap.add_argument("--name", default="", help="folder under --out-dir (default: compare-<time>)")
+    ap.add_argument("--out-dir", default="runs", help="parent folder (also holds the cached SFT model)")
+    ap.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every this many steps")
+    ap.add_argument("--window", type=int, default=10, help="steps in the trailing mean of the training reward")
+    args, common = ap.parse_known_args(argv)
+    arms = [arm_flags(a) for a in args.arms.split(",")]
+    names = [a[0] for a in arms]
+    ref = args.ref or ("outcome" if "outcome" in names else names[0])
+    if ref not in names:
+        raise ConfigError(f"--ref: {ref!r} is not one of the arms ({', '.join(names)})")
+    name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
+    folder = os.path.join(args.out_dir, name)
+    plan = []  # check every arm's configuration before running anything
+    for seed in range(args.seeds):
+        for arm, flags in arms:
+            run_dir = os.path.join(folder, f"{arm}-s{seed}")
+            argv_ = common + flags + ["--seed", str(seed), "--out-dir", args.out_dir, "--run-name",
+                                      f"{name}/{arm}-s{seed}", "--eval-every", str(args.eval_every)]
+            cfg = parse_config(argv_)
+            if cfg.steps < args.window:
+                raise ConfigError(f"--steps {cfg.steps} is shorter than --window {args.window}")
+            plan.append((arm, seed, run_dir, cfg))
+    os.makedirs(folder, exist_ok=True)
+    for arm, seed, run_dir, cfg in plan:
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            print(f"{arm} seed {seed}: done already ({run_dir})")
+            continue
+        print(f"\n=== {arm}, seed {seed} ===")
+        if latest_checkpoint(run_dir):
+            cfg = parse_config(["--resume", run_dir])
         run(cfg)
-    except ConfigError as e:  # a malformed data row, found before any model is built
+    results = {arm: [] for arm in names}
+    for arm, seed, run_dir, cfg in plan:
+        results[arm].append({"metrics": [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))],
+                             "summary": json.load(open(os.path.join(run_dir, "summary.json")))})
+    table, target = compare_table(results, ref, args.window)
+    md = compare_markdown(table, ref, target, args.window)
+    compare_plot(results, table, ref, target, args.window, os.path.join(folder, "compare.png"))
+    open(os.path.join(folder, "compare.md"), "w").write(md + "\n")
+    json.dump({"ref": ref, "target": target, "window": args.window, "common_flags": common,
+               "arms": {a: {"flags": dict(arms)[a], **table[a]} for a in names}},
+              open(os.path.join(folder, "compare.json"), "w"), indent=1)
+    print("\n" + md)
+    print(f"\nplot and table in {folder}/ (compare.png, compare.md, compare.json)")
+    return table
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "compare":
+            compare_main(argv[1:])
+        elif argv and argv[0] == "show-rewards":
+            show_rewards_main(argv[1:])
+        else:
+            run(parse_config(argv))
+    except ConfigError as e:  # a bad flag or a malformed data row, found before any model is built
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

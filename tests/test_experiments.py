@@ -1,0 +1,164 @@
+"""Checkpoint and resume, the compare table, and the token-reward page."""
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prime_mini as pm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
+         "--sft-steps", "20", "--sft-batch", "16", "--P", "4", "--K", "2", "--filter-low", "0", "--filter-high", "1",
+         "--max-new-tokens", "16", "--micro-batch", "4", "--eval-n", "6", "--eval-samples", "2", "--no-show-progress",
+         "--threads", "1", "--reward-pages", "2"]
+
+
+def _run(argv):
+    out = subprocess.run([sys.executable, "prime_mini.py"] + argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _metrics(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in m.items() if not k.startswith("t_")} for m in rows]  # timings differ
+
+
+def _adapter(run_dir, name):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(run_dir, "adapters", name, "adapter_model.safetensors"))
+
+
+def test_two_steps_then_resume_equal_four_steps_straight_even_after_a_kill(tmp_path):
+    runs = tmp_path / "runs"
+    common = MICRO + ["--out-dir", str(runs), "--save-every", "1", "--seed", "5"]
+    _run(common + ["--run-name", "straight", "--steps", "4"])
+    _run(common + ["--run-name", "part", "--steps", "2"])
+    part = runs / "part"
+    assert sorted(d for d in os.listdir(part) if d.startswith("checkpoint")) == ["checkpoint-000002"], \
+        "only the newest checkpoint is kept"
+    # What `kill -9` during step 3 can leave: a half-written checkpoint and a half-written line.
+    (part / "checkpoint-000003.tmp" / "adapters").mkdir(parents=True)
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "acc": 0.2')
+    out = _run(["--resume", str(part), "--steps", "4", "--threads", "1", "--no-show-progress"])
+    assert "resuming from" in out.stdout and "checkpoint-000002" in out.stdout
+    straight, resumed = _metrics(runs / "straight"), _metrics(part)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4], "no duplicated or lost steps"
+    assert resumed == straight, "the resumed run takes exactly the steps the straight run took"
+    for name in ("policy", "prm"):
+        a, b = _adapter(runs / "straight", name), _adapter(part, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} adapter differs"
+    assert not (part / "checkpoint-000003.tmp").exists(), "the stale partial checkpoint is cleaned up"
+    s1 = json.loads((runs / "straight" / "summary.json").read_text())
+    s2 = json.loads((part / "summary.json").read_text())
+    assert s1["acc_before"] == s2["acc_before"] and s1["acc_after"] == s2["acc_after"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--resume", "/nonexistent/run"], "--resume: /nonexistent/run/config.json not found"),
+    (["--lr-policy", "1"], "only --steps, --save-every, --threads, --device, --show-progress may be given, not --lr-policy"),
+])
+def test_resume_refuses_what_it_cannot_do(tmp_path, argv, needle):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"seed": 0}))
+    if "--resume" not in argv:
+        argv = ["--resume", str(run)] + argv
+    with pytest.raises(pm.ConfigError) as e:
+        pm.parse_config(argv)
+    assert needle in str(e.value)
+    with pytest.raises(pm.ConfigError) as e:
+        pm.parse_config(["--resume", str(run)])
+    assert "has no complete checkpoint" in str(e.value)
+
+
+def test_prompt_stream_state_round_trips_mid_epoch():
+    a = pm.PromptStream(7, seed=3)
+    first = [a.next() for _ in range(10)]
+    assert sorted(first[:7]) == list(range(7)), "an epoch visits every prompt once"
+    st = pickle.loads(pickle.dumps(a.state()))  # as torch.save stores it in a checkpoint
+    b = pm.PromptStream(7, seed=99)
+    b.load_state(st)
+    assert [a.next() for _ in range(12)] == [b.next() for _ in range(12)]
+
+
+def _fake(accs, t_step, acc_before=0.4, acc_after=0.5):
+    return {"metrics": [{"step": i + 1, "acc": a, "t_step": t_step} for i, a in enumerate(accs)],
+            "summary": {"acc_before": acc_before, "acc_after": acc_after, "greedy_before": 0.6,
+                        "greedy_after": 0.65, "steps": len(accs)}}
+
+
+def test_compare_table_steps_to_target_and_ratios_by_hand():
+    # outcome: acc = s/20, window 2: final = (19/20 + 20/20)/2 = 0.975; its trailing mean at step s
+    # is (s - 0.5)/20, which first reaches 0.975 at s = 20. prime: acc = min(1, s/10): the trailing
+    # mean is 0.95 at s = 10 and 1.0 at s = 11. Efficiency 20/11; time ratio 1.3/1.0.
+    results = {"prime": [_fake([min(1, s / 10) for s in range(1, 21)], 1.3)],
+               "outcome": [_fake([s / 20 for s in range(1, 21)], 1.0)]}
+    table, target = pm.compare_table(results, "outcome", window=2)
+    assert target == pytest.approx(0.975)
+    assert table["outcome"]["steps_to_target"] == 20 and table["prime"]["steps_to_target"] == 11
+    assert table["prime"]["efficiency"] == pytest.approx(20 / 11) and table["outcome"]["efficiency"] == 1.0
+    assert table["prime"]["t_ratio"] == pytest.approx(1.3)
+    md = pm.compare_markdown(table, "outcome", target, 2)
+    assert "| prime | 1 | 1.000 ± 0.000 |" in md and "| 11 | 1.82x |" in md
+
+
+def test_compare_table_means_over_seeds_and_reports_not_reached():
+    results = {"outcome": [_fake([0.5] * 4, 1.0, acc_after=0.6), _fake([0.7] * 4, 1.0, acc_after=0.7)],
+               "prime": [_fake([0.1] * 4, 2.0), _fake([0.2] * 4, 2.0)]}
+    table, target = pm.compare_table(results, "outcome", window=2)
+    assert target == pytest.approx(0.6)
+    assert table["outcome"]["acc_after"][0] == pytest.approx(0.65)
+    assert table["prime"]["steps_to_target"] is None and table["prime"]["efficiency"] is None
+    assert "not reached" in pm.compare_markdown(table, "outcome", target, 2)
+
+
+def test_arm_flags_named_and_custom_arms():
+    assert pm.arm_flags("outcome") == ("outcome", ["--reward-mode", "outcome"])
+    assert pm.arm_flags("coef1:process-coef=1.0:faithful") == ("coef1", ["--process-coef", "1.0", "--faithful"])
+    with pytest.raises(pm.ConfigError, match="unknown arm 'nope'"):
+        pm.arm_flags("nope")
+
+
+def test_reward_page_colours_by_sign_and_shows_the_sum():
+    groups = [{"prompt": "<bos>1+2=", "answer": "3", "responses": [
+        {"tokens": ["3", "&", "<eos>"], "r": [0.2, -0.1, 0.0], "r_o": 1.0},
+        {"tokens": ["4"], "r": [-0.3], "r_o": 0.0}]}]
+    page = pm.reward_page_html(groups, 0.05, "t")
+    spans = re.findall(r'<span class="t" style="background:rgba\(([\d,]+),([\d.]+)\)" title="([^"]+)">([^<]*)</span>', page)
+    assert [(s[3], float(s[2])) for s in spans] == [("3", 0.2), ("&amp;", -0.1), ("&lt;eos&gt;", 0.0), ("4", -0.3)]
+    assert spans[0][0] == "0,150,60" and spans[1][0] == "215,40,40", "green credits, red blames"
+    assert float(spans[3][1]) == 1.0 and float(spans[0][1]) < 1.0, "the largest |reward| is full colour"
+    assert re.findall(r'class="sum">([^<]+)<', page) == ["+0.100", "-0.300"]
+    assert "&lt;bos&gt;1+2=" in page and "✓" in page and "✗" in page
+
+
+def test_run_writes_a_reward_page_and_show_rewards_rebuilds_it(tmp_path):
+    runs = tmp_path / "runs"
+    _run(MICRO + ["--out-dir", str(runs), "--run-name", "r", "--steps", "2"])
+    page = (runs / "r" / "rewards.html").read_text()
+    assert page.count('class="g"') == 2 and page.count('class="resp"') == 2 * 2, "2 prompts x K=2 responses"
+    for resp, total in zip(re.findall(r'<div class="resp">(.*?)</div>', page), re.findall(r'class="sum">([^<]+)<', page)):
+        values = [float(v) for v in re.findall(r'title="([^"]+)"', resp)]
+        assert values and sum(values) == pytest.approx(float(total), abs=1e-3), "Σ is the sum of the token rewards"
+    out = tmp_path / "again.html"
+    pm.show_rewards_main([str(runs / "r"), "--prompts", "1", "--out", str(out)])
+    assert out.read_text().count('class="resp"') == 2
+
+
+def test_tensorboard_events_hold_the_metrics_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = tmp_path / "runs"
+    _run(MICRO + ["--out-dir", str(runs), "--run-name", "tb", "--steps", "2", "--reward-pages", "0"])
+    ev = EventAccumulator(str(runs / "tb"))
+    ev.Reload()
+    metrics = _metrics(runs / "tb")
+    for key in ("acc", "prm_loss", "pg_loss"):
+        assert [(e.step, round(e.value, 5)) for e in ev.Scalars(key)] == [(m["step"], round(m[key], 5)) for m in metrics]
