@@ -829,7 +829,7 @@ it; full colour at |β·q<sub>t</sub>| ≥ {scale:.3g}. Hover a token for its va
     return "\n".join(parts)
 
 
-def write_reward_page(model, tok, rows, cfg, device, path, n_prompts=None):
+def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=None):
     """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
     against π_ref, and write the page; prompts whose samples are both right and wrong come first."""
     n_prompts = n_prompts or cfg.reward_pages
@@ -862,7 +862,7 @@ def write_reward_page(model, tok, rows, cfg, device, path, n_prompts=None):
                                       "responses": responses}))
     groups = [x[2] for x in sorted(groups, key=lambda x: x[:2])[:n_prompts]]
     with open(path, "w") as f:
-        f.write(reward_page_html(groups, cfg.beta, f"Implicit process rewards: {os.path.dirname(os.path.abspath(path))}"))
+        f.write(reward_page_html(groups, cfg.beta, f"Implicit process rewards: {run_dir}"))
     print(f"token-reward page: {path}")
     return path
 
@@ -892,7 +892,7 @@ def show_rewards_main(argv):
     load_adapters(model, folder)
     rows = load_rows(cfg.test_data)
     return write_reward_page(model, tok, rows, cfg, device, args.out or os.path.join(args.run_dir, "rewards.html"),
-                             n_prompts=args.prompts)
+                             args.run_dir, n_prompts=args.prompts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1115,7 +1115,7 @@ def run(cfg):
     acc_after = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) after RL")
     greedy_after = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) after RL")
     if cfg.reward_pages and use_prm:
-        write_reward_page(model, tok, test_rows, cfg, device, os.path.join(run_dir, "rewards.html"))
+        write_reward_page(model, tok, test_rows, cfg, device, os.path.join(run_dir, "rewards.html"), run_dir)
     model.save_pretrained(os.path.join(run_dir, "adapters"))  # adapters/policy/ and adapters/prm/
     summary = {**ev, "acc_after": acc_after, "greedy_after": greedy_after, "seed": cfg.seed,
                "reward_mode": cfg.reward_mode, "steps": cfg.steps, "eval_prompts": len(test_rows),
