@@ -194,14 +194,15 @@ def test_filter_keeps_band_groups_and_returns_surplus_prompts_to_the_buffer(tok,
         s = [float(k == 0) if int(r["reward_model"]["ground_truth"]) in passing else 0.0 for r in rws for k in range(K)]
         return torch.tensor(s), {"correct": int(sum(s)), "wrong": len(s) - int(sum(s))}
     monkeypatch.setattr(pm, "verify_batch", fake_verify)
-    stream, buffer = iter(rows), []
-    batch, st = pm.collect(None, tok, cfg, stream, buffer, "cpu")
+    stream, buffer = pm.PromptStream(len(rows), seed=0), []
+    stream.order, stream.pos = list(range(len(rows))), 0  # in file order, for the hand count
+    batch, st = pm.collect(None, tok, cfg, rows, stream, buffer, "cpu")
     # Round 1 draws prompts 0, 1 (1 passes); round 2 draws 2, 3 (both pass): 3 kept, P = 2.
     assert [r["reward_model"]["ground_truth"] for r in batch.rows] == ["1", "2"]
-    assert [r["reward_model"]["ground_truth"] for r in buffer] == ["3"], "surplus prompt goes back"
+    assert buffer == [3], "surplus prompt (its row index) goes back"
     assert st["kept"] == 2 and st["generated"] == 8 and st["acc"] == 3 / 8
     assert batch.B == 4 and torch.equal(batch.r_o, torch.tensor([1.0, 0.0, 1.0, 0.0]))
-    batch, st = pm.collect(None, tok, cfg, stream, buffer, "cpu")
+    batch, st = pm.collect(None, tok, cfg, rows, stream, buffer, "cpu")
     assert batch.rows[0]["reward_model"]["ground_truth"] == "3", "buffered prompt is generated first"
     # Rounds 2-3 draw prompts 5-8, none passes: the step goes on with the 1 group it has.
     assert buffer == [] and st["kept"] == 1 and st["generated"] == 12 and batch.B == 2
