@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -323,6 +324,7 @@ def runner_main():
 # The training-process side: start the runner in bubblewrap (or a plain subprocess) and wait.
 # ---------------------------------------------------------------------------------------------
 _MODE = {}  # cache: the sandbox mode that works on this machine
+_MODE_LOCK = threading.Lock()
 
 
 def _python_roots():
@@ -332,8 +334,8 @@ def _python_roots():
     return sorted(r for r in roots if not r.startswith("/usr/") and r != "/usr")
 
 
-def bwrap_argv(limits):
-    """The bubblewrap command line: what the runner can see and do (see the module docstring)."""
+def bwrap_argv(limits, command=None):
+    """The bubblewrap command line that starts the runner (or `command`): what it can see and do."""
     size = str(limits.tmpfs_mb << 20)
     argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--clearenv", "--ro-bind", "/usr", "/usr"]
@@ -357,8 +359,8 @@ def bwrap_argv(limits):
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp",
              "--size", size, "--tmpfs", "/sandbox", "--ro-bind", os.path.join(HERE, "sandbox.py"), "/runner/sandbox.py",
              "--chdir", "/sandbox", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-             "--", sys.executable, "-I", "-S", "/runner/sandbox.py"]
-    return argv
+             "--"]
+    return argv + (command or [sys.executable, "-I", "-S", "/runner/sandbox.py"])
 
 
 def _world_traversable(path):
@@ -375,10 +377,13 @@ def sandbox_mode(requested="auto"):
     """"bwrap" if bubblewrap is installed and runs here, else "rlimit" (with a warning, once)."""
     if requested != "auto":
         return requested
-    if "auto" not in _MODE:
+    with _MODE_LOCK:
+        if "auto" in _MODE:
+            return _MODE["auto"]
         ok = False
         if shutil.which("bwrap"):
-            probe = subprocess.run(bwrap_argv(Limits())[:-3] + ["true"], capture_output=True, timeout=30)
+            probe = subprocess.run(bwrap_argv(Limits(), [sys.executable, "-I", "-S", "-c", "pass"]),
+                                   capture_output=True, timeout=30)
             ok = probe.returncode == 0
         _MODE["auto"] = "bwrap" if ok else "rlimit"
         if not ok:
@@ -422,6 +427,10 @@ def run_tests(program, tests, limits=Limits()):
         workdir = cwd = tempfile.mkdtemp(prefix="prime_sandbox_")
         argv = [sys.executable, "-I", "-S", os.path.join(HERE, "sandbox.py")]
         payload["drop"] = _world_traversable(sys.executable) and _world_traversable(os.path.join(HERE, "sandbox.py"))
+        if os.geteuid() == 0 and not payload["drop"] and not _MODE.get("warned_root"):
+            _MODE["warned_root"] = True
+            warnings.warn("sandbox fallback as root: Python is not readable by user nobody, so programs run as "
+                          "root and RLIMIT_NPROC is not enforced (install bubblewrap)", RuntimeWarning)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
     # The runner's own budget: every test's limit plus start-up; the runner stops at sample_timeout.
     wall = min(limits.sample_timeout, n * (limits.test_timeout + 0.5)) + 5.0
