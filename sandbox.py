@@ -164,7 +164,7 @@ def _same_value(got, expected):
         return got is expected or got == expected and type(got) is type(expected)
     if isinstance(got, (int, float)) and isinstance(expected, (int, float)):
         return got == expected or _close(got, expected)
-    if isinstance(got, list) and isinstance(expected, list):
+    if isinstance(got, (list, tuple)) and isinstance(expected, (list, tuple)):
         return len(got) == len(expected) and all(_same_value(x, y) for x, y in zip(got, expected))
     if isinstance(got, dict) and isinstance(expected, dict):
         return got.keys() == expected.keys() and all(_same_value(got[k], expected[k]) for k in got)
@@ -233,7 +233,7 @@ def _kill_orphans():
         for pid in os.listdir("/proc"):
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:  # state ppid ...
                         kids.append(int(pid))
             except (OSError, IndexError, ValueError):
                 continue
@@ -399,7 +399,7 @@ def _kill_session(sid):
         for pid in os.listdir("/proc"):
             try:
                 with open(f"/proc/{pid}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[4]) == sid:
+                    if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:  # state ppid pgrp session
                         os.kill(int(pid), signal.SIGKILL)
                         found = True
             except (OSError, IndexError, ValueError):
