@@ -356,7 +356,7 @@ def bwrap_argv(limits, command=None):
         for p in parents:  # bwrap would copy a 0700 /root; nobody must be able to pass through
             argv += ["--perms", "0755", "--dir", p]
         argv += ["--ro-bind", root, root]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp",
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
              "--size", size, "--tmpfs", "/sandbox", "--ro-bind", os.path.join(HERE, "sandbox.py"), "/runner/sandbox.py",
              "--chdir", "/sandbox", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
              "--"]

@@ -266,3 +266,50 @@ def outcome_rewards(samples, responses, limits=sandbox.Limits(), workers=4):
         if pool:
             pool.shutdown(wait=True)
     return out
+
+
+def _bench(workers):
+    """Throughput on a batch of 256 math and 64 code responses (README, Verifiers)."""
+    import os
+    import random
+    here = os.path.dirname(os.path.abspath(__file__))
+    rng = random.Random(0)
+    arith = [json.loads(line) for line in open(os.path.join(here, "data", "arith_sft.jsonl"))][:256]
+    math_rows, math_resp = [], []
+    for r in arith:  # half right, a quarter wrong, a quarter cut off before the box
+        u, text = rng.random(), r["response"]
+        if u < 0.25:
+            text = text.replace("\\boxed{" + r["reward_model"]["ground_truth"], "\\boxed{1" + r["reward_model"]["ground_truth"])
+        elif u < 0.5:
+            text = text[: len(text) // 2]
+        math_rows.append(r)
+        math_resp.append(text)
+    code = [json.loads(line) for line in open(os.path.join(here, "data", "code_problems.jsonl"))]
+    code_rows, code_resp = [], []
+    for i in range(64):  # a quarter each: correct, wrong output, syntax error, exception
+        r = code[i % len(code)]
+        fn = json.loads(r["reward_model"]["ground_truth"]).get("fn_name")
+        program = [r["extra_info"]["reference"], f"def {fn}(*a):\n    return 0" if fn else "print(0)",
+                   "def f(:\n    pass", "raise ValueError('no')"][i % 4]
+        code_rows.append(r)
+        code_resp.append("Here is my solution.\n```python\n" + program + "\n```")
+    print(f"sandbox mode: {sandbox.sandbox_mode()}, {os.cpu_count()} CPU cores, {workers} code workers")
+    for name, rows, resp in [("256 math", math_rows, math_resp), ("64 code", code_rows, code_resp),
+                             ("256 math + 64 code", math_rows + code_rows, math_resp + code_resp)]:
+        outcome_rewards(rows[:8], resp[:8], workers=workers)  # warm caches (math-verify, bwrap probe)
+        t = time.perf_counter()
+        out = outcome_rewards(rows, resp, workers=workers)
+        dt = time.perf_counter() - t
+        print(f"{name:>20}: {dt:6.2f} s, {len(rows) / dt:7.1f} samples/s, mean score {sum(s for s, _ in out) / len(out):.3f}")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Benchmark the outcome verifiers")
+    ap.add_argument("--bench", action="store_true", help="time a batch of 256 math and 64 code responses")
+    ap.add_argument("--workers", type=int, default=4, help="threads running code responses in parallel")
+    args = ap.parse_args()
+    if args.bench:
+        _bench(args.workers)
+    else:
+        ap.print_help()

@@ -9,6 +9,10 @@ import pytest
 import prime_mini as pm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A micro configuration for end-to-end runs: a 1-layer tiny model, 20 SFT steps, 2 RL steps.
+MICRO = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
+         "--sft-steps", "20", "--sft-batch", "16", "--steps", "2", "--P", "4", "--K", "2",
+         "--filter-low", "0", "--filter-high", "1", "--max-new-tokens", "16", "--micro-batch", "4", "--no-show-progress"]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -90,10 +94,7 @@ def test_malformed_data_stops_before_any_model_is_built(tmp_path):
 def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     runs = tmp_path / "runs"
     argv = [sys.executable, "prime_mini.py", "--out-dir", str(runs), "--run-name", "micro", "--seed", "3",
-            "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
-            "--sft-steps", "20", "--sft-batch", "16", "--steps", "2", "--P", "4", "--K", "2",
-            "--filter-low", "0", "--filter-high", "1", "--max-new-tokens", "16", "--micro-batch", "4",
-            "--eval-n", "6", "--eval-samples", "2", "--no-show-progress"]
+            *MICRO, "--eval-n", "6", "--eval-samples", "2"]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     run = runs / "micro"
@@ -138,11 +139,7 @@ def test_math_and_code_mix_trains_in_a_micro_run(tmp_path):
     mix.write_text("".join(lines))
     runs = tmp_path / "runs"
     argv = [sys.executable, "prime_mini.py", "--out-dir", str(runs), "--run-name", "mix",
-            "--data", f"{mix},data/code_problems.jsonl",
-            "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
-            "--sft-steps", "20", "--sft-batch", "16", "--steps", "2", "--P", "4", "--K", "2",
-            "--filter-low", "0", "--filter-high", "1", "--max-new-tokens", "16", "--micro-batch", "4",
-            "--eval-n", "4", "--eval-samples", "1", "--no-show-progress"]
+            "--data", f"{mix},data/code_problems.jsonl", *MICRO, "--eval-n", "4", "--eval-samples", "1"]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = [json.loads(l) for l in (runs / "mix" / "metrics.jsonl").read_text().splitlines()]

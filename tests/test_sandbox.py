@@ -81,6 +81,8 @@ def run_checked(program, tests, mode, timeout_budget=None):
     ("a, b = map(int, input().split())\nprint(a + b if b != 4 else a / (b - 4))", STDIN_TESTS, (2 / 3, "partial")),
     ("raise RuntimeError('boom')", STDIN_TESTS, (0.0, "runtime_error")),
     ("def add(a, b):\n    return [][a]", CALL_TESTS, (0.0, "runtime_error")),
+    ("open('t.txt', 'w').write(input())\na, b = map(int, open('t.txt').read().split())\nprint(a + b)", STDIN_TESTS,
+     (1.0, "correct")),  # the working directory is writable
 ])
 def test_honest_program_gets_its_score(mode, program, tests, expect):
     score, reason = run_checked(program, tests, mode)
