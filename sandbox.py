@@ -446,7 +446,7 @@ def run_tests(program, tests, limits=Limits()):
         return {"results": ["timeout"] * n}
     try:
         result = json.loads(out.decode().strip().splitlines()[-1])
-        assert isinstance(result, dict) and ("error" in result or len(result["results"]) == n)
+        assert isinstance(result, dict) and ("error" in result or len(result["results"]) == n), "malformed result"
         return result
     except (IndexError, ValueError, KeyError, TypeError, AssertionError):
         return {"error": "sandbox_error", "detail": f"runner exit {proc.returncode} ({status}): {err[-500:].decode('utf-8', 'replace')}"}

@@ -151,7 +151,8 @@ def test_hostile_program_scores_zero_and_leaves_nothing(mode, program, tests, re
 ])
 def test_secrets_of_the_training_process_are_out_of_reach(program, monkeypatch):
     monkeypatch.setenv("PRIME_TEST_SECRET", "s3cret")
-    assert run_checked(program, {"inputs": [""], "outputs": ["s3cret"]}, "bwrap") == (0.0, "wrong")
+    result = run_checked(program, {"inputs": [""], "outputs": ["s3cret"]}, "bwrap")
+    assert result == (0.0, "wrong"), f"the program found the secret: {result}"
 
 
 @BWRAP_ONLY
@@ -178,7 +179,8 @@ def test_program_cannot_reach_the_network():
         server.close()
     assert (score, reason) == (0.0, "runtime_error"), (score, reason)
     program = "import socket\ns = socket.create_connection(('1.1.1.1', 53), timeout=0.5)\nprint('connected')"
-    assert run_checked(program, {"inputs": [""], "outputs": ["connected"]}, "bwrap") == (0.0, "runtime_error")
+    result = run_checked(program, {"inputs": [""], "outputs": ["connected"]}, "bwrap")
+    assert result == (0.0, "runtime_error"), f"reached 1.1.1.1: {result}"
 
 
 @BWRAP_ONLY

@@ -143,18 +143,22 @@ def _sample(ability, gt, index=4):
     (_sample("code", json.dumps({"inputs": ["1"], "outputs": ["1"], "fn_name": "f"})), "need each input to be a list"),
 ])
 def test_unverifiable_sample_raises_an_error_naming_it(sample, needle):
-    with pytest.raises(ValueError, match=None) as e:
+    with pytest.raises(ValueError) as e:
         verifiers.outcome_reward(sample, "x")
     assert needle in str(e.value), str(e.value)
 
 
 def test_outcome_reward_dispatches_on_ability():
-    assert verifiers.outcome_reward(_sample("math", "3"), "\\boxed{3}") == (1.0, "correct")
     tests = json.dumps({"inputs": ["1\n", "5\n"], "outputs": ["2\n", "6\n"]})
-    assert verifiers.outcome_reward(_sample("code", tests), "```python\nprint(int(input()) + 1)\n```") == (1.0, "correct")
-    assert verifiers.outcome_reward(_sample("code", tests), "```python\nprint(2)\n```") == (0.5, "partial")
-    assert verifiers.outcome_reward(_sample("code", tests), "I don't know") == (0.0, "syntax_error")
-    assert verifiers.outcome_reward(_sample("code", tests), "```python\n```") == (0.0, "no_answer")
+    for sample, response, expect in [
+        (_sample("math", "3"), "\\boxed{3}", (1.0, "correct")),
+        (_sample("code", tests), "```python\nprint(int(input()) + 1)\n```", (1.0, "correct")),
+        (_sample("code", tests), "```python\nprint(2)\n```", (0.5, "partial")),
+        (_sample("code", tests), "I don't know", (0.0, "syntax_error")),
+        (_sample("code", tests), "```python\n```", (0.0, "no_answer")),
+    ]:
+        got = verifiers.outcome_reward(sample, response)
+        assert got == expect, f"{sample['ability']} {response!r}: {got}, expected {expect}"
 
 
 def test_batch_never_raises_and_keeps_order():
