@@ -16,8 +16,9 @@ Layers, outermost first:
      capabilities except the three the runner needs to drop privileges and kill; death with
      its parent. Without bwrap (`mode="rlimit"`) the runner is a plain subprocess in a fresh
      temporary directory that is removed afterwards, with a warning logged once.
-  3. The runner: per test, a fresh process in its own process group, as user `nobody` when
-     the runner is root (root ignores RLIMIT_NPROC), with RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE,
+  3. The runner: per test, a fresh process in its own process group, as an unused uid of its
+     own (one per sample, so samples running side by side share no process count) when the
+     runner is root (root ignores RLIMIT_NPROC), with RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE,
      RLIMIT_NPROC and no core files; a wall-clock limit and a cap on stdout/stderr; afterwards
      SIGKILL to its process group and to any orphan (the runner is a child subreaper).
 
@@ -32,6 +33,7 @@ import ctypes
 import json
 import math
 import os
+import random
 import resource
 import selectors
 import shutil
@@ -45,7 +47,7 @@ import warnings
 from dataclasses import asdict, dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NOBODY = 65534  # uid/gid the program runs as when the runner is root
+UID_RANGE = (200_000, 260_000)  # unused uids: a root runner runs each sample's program as one of them
 CALL_MARK = "\x00prime-result\x00"  # prefix of the call-based harness's result line
 
 
@@ -212,7 +214,7 @@ def _libc_prctl(option, arg):
         return -1
 
 
-def _child_setup(limits, drop):
+def _child_setup(limits, uid):
     """preexec for a test process (the runner is single-threaded, so preexec is safe here)."""
     cpu = math.ceil(limits["test_timeout"]) + 1
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -220,10 +222,10 @@ def _child_setup(limits, drop):
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_mb"] << 20,) * 2)
     resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_procs"],) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if drop:  # root ignores RLIMIT_NPROC and may kill the runner: become nobody
+    if uid:  # root ignores RLIMIT_NPROC and may kill the runner: become an unprivileged uid
         os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)
+        os.setgid(uid)
+        os.setuid(uid)
 
 
 def _kill_orphans():
@@ -262,7 +264,7 @@ def _classify(rc, err, status):
     return "runtime_error" if rc != 0 else None
 
 
-def run_one(inp, expected, fn_name, limits, drop):
+def run_one(inp, expected, fn_name, limits, uid):
     """One test case in a fresh process. Returns "pass", "wrong", "timeout", "memory",
     "output_limit" or "runtime_error"."""
     if fn_name is None:
@@ -273,7 +275,7 @@ def run_one(inp, expected, fn_name, limits, drop):
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": os.getcwd()}
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, process_group=0, preexec_fn=lambda: _child_setup(limits, drop))
+                                env=env, process_group=0, preexec_fn=lambda: _child_setup(limits, uid))
     except OSError:
         return "runtime_error"
     out, err, status = communicate_capped(proc, data.encode(), limits["test_timeout"], limits["output_bytes"])
@@ -304,8 +306,8 @@ def runner_main():
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
         print(json.dumps({"error": "syntax_error"}))
         return
-    drop = os.getuid() == 0 and payload.get("drop", True)
-    os.chmod(".", 0o777 if drop else 0o700)  # nobody may write its own files here
+    uid = payload.get("uid") if os.getuid() == 0 else None
+    os.chmod(".", 0o777 if uid else 0o700)  # the program's uid may write its own files here
     with open("solution.py", "w") as f:
         f.write(payload["program"])
     os.chmod("solution.py", 0o644)
@@ -316,7 +318,7 @@ def runner_main():
             results.append("timeout")  # the sample's budget is spent: the rest count as failed
             continue
         lim = {**limits, "test_timeout": min(limits["test_timeout"], deadline - time.monotonic())}
-        results.append(run_one(inp, expected, tests.get("fn_name"), lim, drop))
+        results.append(run_one(inp, expected, tests.get("fn_name"), lim, uid))
     print(json.dumps({"results": results}))
 
 
@@ -339,7 +341,7 @@ def bwrap_argv(limits, command=None):
     size = str(limits.tmpfs_mb << 20)
     argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--clearenv", "--ro-bind", "/usr", "/usr"]
-    if os.geteuid() == 0:  # root: no user namespace (the runner must be able to become nobody)
+    if os.geteuid() == 0:  # root: no user namespace (the runner must be able to change uid)
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_KILL"]
     else:  # an ordinary user needs a user namespace for the others
         argv += ["--unshare-user"]
@@ -353,7 +355,7 @@ def bwrap_argv(limits, command=None):
         while p != "/":
             parents.insert(0, p)
             p = os.path.dirname(p)
-        for p in parents:  # bwrap would copy a 0700 /root; nobody must be able to pass through
+        for p in parents:  # bwrap would copy a 0700 /root; the program's uid must pass through
             argv += ["--perms", "0755", "--dir", p]
         argv += ["--ro-bind", root, root]
     argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
@@ -364,7 +366,7 @@ def bwrap_argv(limits, command=None):
 
 
 def _world_traversable(path):
-    """Can user nobody reach `path` (every folder on the way has o+x)?"""
+    """Can any user reach `path` (every folder on the way has o+x)?"""
     path = os.path.realpath(path)
     while path != "/":
         path = os.path.dirname(path)
@@ -419,17 +421,18 @@ def run_tests(program, tests, limits=Limits()):
     """
     mode = sandbox_mode(limits.mode)
     n = len(tests["inputs"])
-    payload = {"program": program, "tests": tests, "limits": asdict(limits)}
+    payload = {"program": program, "tests": tests, "limits": asdict(limits), "uid": random.randrange(*UID_RANGE)}
     workdir = None
     if mode == "bwrap":
         argv, cwd = bwrap_argv(limits), None
     else:
         workdir = cwd = tempfile.mkdtemp(prefix="prime_sandbox_")
         argv = [sys.executable, "-I", "-S", os.path.join(HERE, "sandbox.py")]
-        payload["drop"] = _world_traversable(sys.executable) and _world_traversable(os.path.join(HERE, "sandbox.py"))
-        if os.geteuid() == 0 and not payload["drop"] and not _MODE.get("warned_root"):
+        if not (_world_traversable(sys.executable) and _world_traversable(os.path.join(HERE, "sandbox.py"))):
+            payload["uid"] = None  # another uid could not even start Python
+        if os.geteuid() == 0 and not payload["uid"] and not _MODE.get("warned_root"):
             _MODE["warned_root"] = True
-            warnings.warn("sandbox fallback as root: Python is not readable by user nobody, so programs run as "
+            warnings.warn("sandbox fallback as root: Python is not readable by other users, so programs run as "
                           "root and RLIMIT_NPROC is not enforced (install bubblewrap)", RuntimeWarning)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
     # The runner's own budget: every test's limit plus start-up; the runner stops at sample_timeout.

@@ -185,7 +185,7 @@ def test_program_cannot_reach_the_network():
 
 @BWRAP_ONLY
 def test_kill_everything_reaches_only_the_sandbox():
-    # kill(-1) signals every process the caller may signal: as nobody in its own PID namespace
+    # kill(-1) signals every process the caller may signal: as its own uid in its own PID namespace
     # that is nothing (the runner is root), so the program goes on and the runner reports it.
     assert sandbox.sandbox_mode("bwrap") == "bwrap", "kill(-1) must never run outside a PID namespace"
     program = "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint(3)"
@@ -205,6 +205,12 @@ def test_fork_bomb_is_contained():
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     score, reason = run_checked(bomb, {"inputs": [""], "outputs": ["1"]}, "bwrap")
     assert (score, reason) == (0.0, "timeout"), (score, reason)
+    # Side by side with honest samples: each sample has its own process count, so they still run.
+    sample = {"ability": "code", "reward_model": {"ground_truth": json.dumps(ONE_TEST)}}
+    honest = "a, b = map(int, input().split())\nprint(a + b)"
+    out = verifiers.outcome_rewards([sample] * 4, [bomb, honest, honest, honest], limits("bwrap"), workers=4)
+    assert out == [(0.0, "timeout")] + [(1.0, "correct")] * 3, f"the fork bomb disturbed other samples: {out}"
+    assert not stray_processes(), stray_processes()
 
 
 def test_many_samples_in_parallel_each_get_their_own_score():
