@@ -452,7 +452,8 @@ def run_tests(program, tests, limits=Limits()):
         assert isinstance(result, dict) and ("error" in result or len(result["results"]) == n), "malformed result"
         return result
     except (IndexError, ValueError, KeyError, TypeError, AssertionError):
-        return {"error": "sandbox_error", "detail": f"runner exit {proc.returncode} ({status}): {err[-500:].decode('utf-8', 'replace')}"}
+        tail = err[-500:].decode("utf-8", "replace")
+        return {"error": "sandbox_error", "detail": f"runner exit {proc.returncode} ({status}): {tail}"}
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import time
 import warnings
 
 from math_verify import parse, verify
-from math_verify.errors import TimeoutException
 
 import sandbox
 
@@ -279,7 +278,8 @@ def _bench(workers):
     for r in arith:  # half right, a quarter wrong, a quarter cut off before the box
         u, text = rng.random(), r["response"]
         if u < 0.25:
-            text = text.replace("\\boxed{" + r["reward_model"]["ground_truth"], "\\boxed{1" + r["reward_model"]["ground_truth"])
+            gt = r["reward_model"]["ground_truth"]
+            text = text.replace("\\boxed{" + gt, "\\boxed{1" + gt)
         elif u < 0.5:
             text = text[: len(text) // 2]
         math_rows.append(r)
@@ -300,7 +300,8 @@ def _bench(workers):
         t = time.perf_counter()
         out = outcome_rewards(rows, resp, workers=workers)
         dt = time.perf_counter() - t
-        print(f"{name:>20}: {dt:6.2f} s, {len(rows) / dt:7.1f} samples/s, mean score {sum(s for s, _ in out) / len(out):.3f}")
+        mean = sum(s for s, _ in out) / len(out)
+        print(f"{name:>20}: {dt:6.2f} s, {len(rows) / dt:7.1f} samples/s, mean score {mean:.3f}")
 
 
 if __name__ == "__main__":

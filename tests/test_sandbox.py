@@ -25,11 +25,12 @@ BWRAP_ONLY = pytest.mark.skipif(not HAVE_BWRAP, reason="needs bubblewrap: unsafe
 STDIN_TESTS = {"inputs": ["1 2\n", "3 4\n", "10 -10\n"], "outputs": ["3\n", "7\n", "0\n"]}
 CALL_TESTS = {"inputs": [[1, 2], [3, 4]], "outputs": [3, 7], "fn_name": "add"}
 ONE_TEST = {"inputs": ["1 2\n"], "outputs": ["3\n"]}  # hostile programs: one test keeps the suite fast
-TEST_TIMEOUT = 1.0
+TEST_TIMEOUT = 1.0  # hostile programs: short limits keep the suite fast
+HONEST_TIMEOUT = 5.0  # honest programs: the default, so a loaded machine cannot turn them into timeouts
 
 
-def limits(mode):
-    return sandbox.Limits(test_timeout=TEST_TIMEOUT, sample_timeout=6.0, memory_mb=256, mode=mode)
+def limits(mode, test_timeout=TEST_TIMEOUT):
+    return sandbox.Limits(test_timeout=test_timeout, sample_timeout=6 * test_timeout, memory_mb=256, mode=mode)
 
 
 def stray_processes():
@@ -51,14 +52,15 @@ def temp_dirs():
     return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("prime_sandbox_")}
 
 
-def run_checked(program, tests, mode, timeout_budget=None):
+def run_checked(program, tests, mode, test_timeout=TEST_TIMEOUT):
     """Score `program` and check the sandbox's promises: done within its time limit, no process
     and no temporary folder left behind, the test process untouched."""
     before, ppid = temp_dirs(), os.getppid()
     t = time.monotonic()
-    score = verifiers.code_reward("```python\n" + program + "\n```", tests, limits(mode))
+    score = verifiers.code_reward("```python\n" + program + "\n```", tests, limits(mode, test_timeout))
     took = time.monotonic() - t
-    budget = timeout_budget or len(tests["inputs"]) * (TEST_TIMEOUT + 0.5) + 3
+    # the trainer's hard limit on the runner (sandbox.run_tests), plus a little for killing and reaping
+    budget = min(6 * test_timeout, len(tests["inputs"]) * (test_timeout + 0.5)) + 5 + 2
     assert took < budget, f"took {took:.1f}s, limit {budget:.1f}s"
     assert not stray_processes(), f"processes left behind: {stray_processes()}"
     assert temp_dirs() <= before, f"temporary folders left behind: {temp_dirs() - before}"
@@ -85,7 +87,7 @@ def run_checked(program, tests, mode, timeout_budget=None):
      (1.0, "correct")),  # the working directory is writable
 ])
 def test_honest_program_gets_its_score(mode, program, tests, expect):
-    score, reason = run_checked(program, tests, mode)
+    score, reason = run_checked(program, tests, mode, HONEST_TIMEOUT)
     assert (round(score, 6), reason) == (round(expect[0], 6), expect[1]), (score, reason)
 
 
@@ -151,7 +153,7 @@ def test_hostile_program_scores_zero_and_leaves_nothing(mode, program, tests, re
 ])
 def test_secrets_of_the_training_process_are_out_of_reach(program, monkeypatch):
     monkeypatch.setenv("PRIME_TEST_SECRET", "s3cret")
-    result = run_checked(program, {"inputs": [""], "outputs": ["s3cret"]}, "bwrap")
+    result = run_checked(program, {"inputs": [""], "outputs": ["s3cret"]}, "bwrap", HONEST_TIMEOUT)
     assert result == (0.0, "wrong"), f"the program found the secret: {result}"
 
 
@@ -174,12 +176,12 @@ def test_program_cannot_reach_the_network():
     port = server.getsockname()[1]
     program = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=0.5)\nprint('connected')")
     try:
-        score, reason = run_checked(program, {"inputs": [""], "outputs": ["connected"]}, "bwrap")
+        score, reason = run_checked(program, {"inputs": [""], "outputs": ["connected"]}, "bwrap", HONEST_TIMEOUT)
     finally:
         server.close()
     assert (score, reason) == (0.0, "runtime_error"), (score, reason)
     program = "import socket\ns = socket.create_connection(('1.1.1.1', 53), timeout=0.5)\nprint('connected')"
-    result = run_checked(program, {"inputs": [""], "outputs": ["connected"]}, "bwrap")
+    result = run_checked(program, {"inputs": [""], "outputs": ["connected"]}, "bwrap", HONEST_TIMEOUT)
     assert result == (0.0, "runtime_error"), f"reached 1.1.1.1: {result}"
 
 
@@ -189,7 +191,7 @@ def test_kill_everything_reaches_only_the_sandbox():
     # that is nothing (the runner is root), so the program goes on and the runner reports it.
     assert sandbox.sandbox_mode("bwrap") == "bwrap", "kill(-1) must never run outside a PID namespace"
     program = "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint(3)"
-    score, reason = run_checked(program, {"inputs": ["1 2\n"], "outputs": ["3\n"]}, "bwrap")
+    score, reason = run_checked(program, {"inputs": ["1 2\n"], "outputs": ["3\n"]}, "bwrap", HONEST_TIMEOUT)
     assert (score, reason) == (1.0, "correct"), (score, reason)
 
 
@@ -208,7 +210,7 @@ def test_fork_bomb_is_contained():
     # Side by side with honest samples: each sample has its own process count, so they still run.
     sample = {"ability": "code", "reward_model": {"ground_truth": json.dumps(ONE_TEST)}}
     honest = "a, b = map(int, input().split())\nprint(a + b)"
-    out = verifiers.outcome_rewards([sample] * 4, [bomb, honest, honest, honest], limits("bwrap"), workers=4)
+    out = verifiers.outcome_rewards([sample] * 4, [bomb, honest, honest, honest], limits("bwrap", 3.0), workers=4)
     assert out == [(0.0, "timeout")] + [(1.0, "correct")] * 3, f"the fork bomb disturbed other samples: {out}"
     assert not stray_processes(), stray_processes()
 
@@ -218,7 +220,7 @@ def test_many_samples_in_parallel_each_get_their_own_score():
     tests = {"inputs": ["1 2\n", "0 0\n"], "outputs": ["3\n", "0\n"]}
     samples = [{"ability": "code", "reward_model": {"ground_truth": json.dumps(tests)}}] * len(programs)
     t = time.monotonic()
-    out = verifiers.outcome_rewards(samples, programs, limits(sandbox.sandbox_mode()), workers=4)
+    out = verifiers.outcome_rewards(samples, programs, limits(sandbox.sandbox_mode(), 2.0), workers=4)
     assert [r for _, r in out] == ["correct", "timeout", "partial"] * 4, out
     assert time.monotonic() - t < 30, "the pool ran the hanging programs one after another"
     assert not stray_processes(), stray_processes()
