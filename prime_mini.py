@@ -77,6 +77,7 @@ class Config:
     data: str = "data/arith_rl.jsonl"  # RL prompts; several files separated by commas
     test_data: str = "data/arith_test.jsonl"  # held-out prompts for evaluation
     sft_data: str = "data/arith_sft.jsonl"  # worked solutions (`response` field) for the SFT warm-up
+    verify_workers: int = 4  # code responses verified in parallel (sandboxed subprocesses; verifiers.py)
     # model
     model: str = ""  # a Hugging Face model name or folder as the SFT model; empty = tiny default
     tiny_hidden: int = 128  # tiny Qwen2: hidden size (0.8M parameters in all: learns the task in ~3 CPU min)
@@ -247,8 +248,8 @@ def validate(cfg):
             bad(name, f"must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.filter_low > cfg.filter_high:
         bad("filter_low", f"{cfg.filter_low} is above --filter-high {cfg.filter_high}")
-    for name in ("steps", "P", "max_new_tokens", "micro_batch", "prm_minibatches", "policy_minibatches",
-                 "sft_batch", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r"):
+    for name in ("steps", "P", "max_new_tokens", "micro_batch", "verify_workers", "prm_minibatches",
+                 "policy_minibatches", "sft_batch", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
     if cfg.steps and cfg.temperature <= 0:
@@ -303,8 +304,12 @@ def load_rows(path, need_response=False):
                 raise ConfigError(f"{where}: 'prompt' must be a list of chat messages with 'content'")
             if not isinstance(r.get("reward_model"), dict) or "ground_truth" not in r["reward_model"]:
                 raise ConfigError(f"{where}: missing 'reward_model.ground_truth'")
-            if r.get("ability") not in ("math",):
-                raise ConfigError(f"{where}: 'ability' must be 'math' (got {r.get('ability')!r})")
+            if r.get("ability") not in ("math", "code"):
+                raise ConfigError(f"{where}: 'ability' must be 'math' or 'code' (got {r.get('ability')!r})")
+            try:  # code ground truth is a JSON string of test cases: check it now, not mid-run
+                verifiers.check_sample(r)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
             if need_response and not isinstance(r.get("response"), str):
                 raise ConfigError(f"{where}: SFT rows need a 'response' string")
             rows.append(r)
@@ -487,14 +492,17 @@ def pad_cat(tensors, left, value):
     return torch.cat(padded)
 
 
-def verify_batch(rows, texts, K):
-    """Outcome score per response (row i // K is the prompt of response i); and failure counts."""
-    scores, reasons = [], {}
-    for i, text in enumerate(texts):
-        s, why = verifiers.outcome_reward(rows[i // K], text)
-        scores.append(s)
+def verify_batch(rows, texts, K, workers=4):
+    """Outcome score per response (row i // K is the prompt of response i); and failure counts.
+
+    Math answers are checked in this (main) thread, where math-verify's time limit works; code
+    responses run in sandboxed subprocesses, `workers` at a time. A response whose verifier
+    fails scores 0 with reason "verifier_error": one bad sample never stops the run."""
+    results = verifiers.outcome_rewards([rows[i // K] for i in range(len(texts))], texts, workers=workers)
+    reasons = {}
+    for _, why in results:
         reasons[why] = reasons.get(why, 0) + 1
-    return torch.tensor(scores), reasons
+    return torch.tensor([s for s, _ in results]), reasons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,7 +611,7 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc):
         ids, am = encode_prompts(tok, chunk, device)
         resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy)
         outs = decode_responses(tok, resp, mask)
-        s, _ = verify_batch(rows[i:i + bs], outs, n)
+        s, _ = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers)
         scores.append(s)
     torch.set_rng_state(rng_state)
     if cuda_state is not None:
@@ -657,7 +665,7 @@ def collect(model, tok, cfg, train_rows, stream, buffer, device):
         t_gen += time.time() - t
         t = time.time()
         outs = decode_responses(tok, resp, mask)
-        r_o, why = verify_batch(rows, outs, K)
+        r_o, why = verify_batch(rows, outs, K, cfg.verify_workers)
         t_ver += time.time() - t
         for k, v in why.items():
             reasons[k] = reasons.get(k, 0) + v
@@ -784,7 +792,8 @@ def fmt_step(step, cfg, m):
               f"|ret| p {m['ret_process']:.3f}{'' if m['process_on'] else ' (off)'} o {m['ret_outcome']:.3f} | ")
     s += (f"pg {m.get('pg_loss', 0):+.3f} | clip {m.get('clipfrac', 0):.3f} | len {m['len']:.1f} | "
           f"{m['t_step']:.2f}s (roll {m['t_rollout']:.2f} ver {m['t_verify']:.2f} prm {m.get('t_prm', 0):.2f} pol {m.get('t_policy', 0):.2f})")
-    return s
+    fails = [f"{k[2:]} {v}" for k, v in sorted(m.items()) if k.startswith("n_") and k != "n_correct"]
+    return s + (" | " + ", ".join(fails) if fails else "")  # why responses scored below 1 (verifiers.REASONS)
 
 
 # ---------------------------------------------------------------------------------------------

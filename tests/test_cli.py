@@ -9,6 +9,10 @@ import pytest
 import prime_mini as pm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A micro configuration for end-to-end runs: a 1-layer tiny model, 20 SFT steps, 2 RL steps.
+MICRO = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
+         "--sft-steps", "20", "--sft-batch", "16", "--steps", "2", "--P", "4", "--K", "2",
+         "--filter-low", "0", "--filter-high", "1", "--max-new-tokens", "16", "--micro-batch", "4", "--no-show-progress"]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -63,6 +67,10 @@ def test_every_config_field_has_help_text():
     ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math"}', "bad.jsonl:2: missing 'reward_model.ground_truth'"),
     ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "poetry", "reward_model": {"ground_truth": "2"}}',
      "bad.jsonl:2: 'ability' must be"),
+    ('{"prompt": [{"role": "user", "content": "x"}], "ability": "code", "reward_model": {"ground_truth": "{oops"}}',
+     "bad.jsonl:2: sample ?#?: ground truth is not valid JSON"),
+    ('{"prompt": [{"role": "user", "content": "x"}], "ability": "code", "reward_model": {"ground_truth": "{\\"inputs\\": [1]}"}}',
+     "bad.jsonl:2: sample ?#?: ground truth needs 'inputs' and 'outputs'"),
 ])
 def test_malformed_row_names_file_and_line(tmp_path, line, needle):
     good = '{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": "2"}}'
@@ -86,10 +94,7 @@ def test_malformed_data_stops_before_any_model_is_built(tmp_path):
 def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     runs = tmp_path / "runs"
     argv = [sys.executable, "prime_mini.py", "--out-dir", str(runs), "--run-name", "micro", "--seed", "3",
-            "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
-            "--sft-steps", "20", "--sft-batch", "16", "--steps", "2", "--P", "4", "--K", "2",
-            "--filter-low", "0", "--filter-high", "1", "--max-new-tokens", "16", "--micro-batch", "4",
-            "--eval-n", "6", "--eval-samples", "2", "--no-show-progress"]
+            *MICRO, "--eval-n", "6", "--eval-samples", "2"]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     run = runs / "micro"
@@ -123,3 +128,24 @@ def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "SFT warm-up" not in third.stdout and "SFT model: reusing" not in third.stdout
     assert (runs / "micro3" / "summary.json").exists()
+
+
+def test_math_and_code_mix_trains_in_a_micro_run(tmp_path):
+    # Four arithmetic and four code prompts: the tiny model writes no Python, so its code
+    # responses fail (syntax errors, mostly), but the code path runs end to end in the sandbox.
+    mix = tmp_path / "mix.jsonl"
+    lines = open(os.path.join(ROOT, "data", "arith_rl.jsonl")).readlines()[:4]
+    lines += open(os.path.join(ROOT, "data", "code_problems.jsonl")).readlines()[:4]
+    mix.write_text("".join(lines))
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "prime_mini.py", "--out-dir", str(runs), "--run-name", "mix",
+            "--data", f"{mix},data/code_problems.jsonl", *MICRO, "--eval-n", "4", "--eval-samples", "1"]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = [json.loads(l) for l in (runs / "mix" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2], metrics
+    code_reasons = {"n_syntax_error", "n_runtime_error", "n_partial", "n_timeout", "n_memory", "n_output_limit",
+                    "n_sandbox_error"}
+    seen = {k for m in metrics for k in m if k in code_reasons}
+    assert seen, f"no code response was verified: {[sorted(m) for m in metrics]}"
+    assert not any(m.get("n_verifier_error") for m in metrics), "a verifier crashed"

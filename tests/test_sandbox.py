@@ -1,0 +1,228 @@
+"""The code sandbox: honest programs get their score, hostile ones get 0 within their time limit,
+leave no process and no file behind, and cannot touch the test process.
+
+Each hostile program runs under bubblewrap (`mode="bwrap"`, skipped where bwrap cannot run) and,
+where that is safe, under the plain-subprocess fallback (`mode="rlimit"`). Programs that could
+harm the machine outside a PID namespace (a fork bomb, `kill(-1)`) run only under bwrap, and the
+fork bomb only after a bounded check that RLIMIT_NPROC is really enforced there.
+"""
+import json
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+
+import sandbox
+import verifiers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_BWRAP = sandbox.sandbox_mode("auto") == "bwrap"
+MODES = [pytest.param("bwrap", marks=pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap cannot run here")),
+         "rlimit"]
+BWRAP_ONLY = pytest.mark.skipif(not HAVE_BWRAP, reason="needs bubblewrap: unsafe or not isolated without it")
+STDIN_TESTS = {"inputs": ["1 2\n", "3 4\n", "10 -10\n"], "outputs": ["3\n", "7\n", "0\n"]}
+CALL_TESTS = {"inputs": [[1, 2], [3, 4]], "outputs": [3, 7], "fn_name": "add"}
+ONE_TEST = {"inputs": ["1 2\n"], "outputs": ["3\n"]}  # hostile programs: one test keeps the suite fast
+TEST_TIMEOUT = 1.0  # hostile programs: short limits keep the suite fast
+HONEST_TIMEOUT = 5.0  # honest programs: the default, so a loaded machine cannot turn them into timeouts
+
+
+def limits(mode, test_timeout=TEST_TIMEOUT):
+    return sandbox.Limits(test_timeout=test_timeout, sample_timeout=6 * test_timeout, memory_mb=256, mode=mode)
+
+
+def stray_processes():
+    """Processes of ours still alive: runners (bwrap or fallback) and programs (solution.py)."""
+    marks = (b"solution.py", b"/runner/sandbox.py", os.path.join(sandbox.HERE, "sandbox.py").encode())
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and any(m in cmd for m in marks):
+            found.append((int(pid), cmd[:80]))
+    return found
+
+
+def temp_dirs():
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("prime_sandbox_")}
+
+
+def run_checked(program, tests, mode, test_timeout=TEST_TIMEOUT):
+    """Score `program` and check the sandbox's promises: done within its time limit, no process
+    and no temporary folder left behind, the test process untouched."""
+    before, ppid = temp_dirs(), os.getppid()
+    t = time.monotonic()
+    score = verifiers.code_reward("```python\n" + program + "\n```", tests, limits(mode, test_timeout))
+    took = time.monotonic() - t
+    # the trainer's hard limit on the runner (sandbox.run_tests), plus a little for killing and reaping
+    budget = min(6 * test_timeout, len(tests["inputs"]) * (test_timeout + 0.5)) + 5 + 2
+    assert took < budget, f"took {took:.1f}s, limit {budget:.1f}s"
+    assert not stray_processes(), f"processes left behind: {stray_processes()}"
+    assert temp_dirs() <= before, f"temporary folders left behind: {temp_dirs() - before}"
+    assert os.getppid() == ppid, "the test process was re-parented"
+    return score
+
+
+# ---------------------------------------------------------------------------------------------
+# Honest programs.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("program, tests, expect", [
+    ("a, b = map(int, input().split())\nprint(a + b)", STDIN_TESTS, (1.0, "correct")),
+    ("a, b = map(int, input().split())\nprint(a * b)", STDIN_TESTS, (0.0, "wrong")),
+    ("a, b = map(int, input().split())\nprint(a + b if a < 5 else 1)", STDIN_TESTS, (2 / 3, "partial")),
+    ("def add(a, b):\n    return a + b", CALL_TESTS, (1.0, "correct")),
+    ("class Solution:\n    def add(self, a, b):\n        return a + b", CALL_TESTS, (1.0, "correct")),
+    ("def add(a, b):\n    return 3", CALL_TESTS, (0.5, "partial")),
+    ("def add(a, b) return a + b", CALL_TESTS, (0.0, "syntax_error")),
+    ("a, b = map(int, input().split())\nprint(a + b if b != 4 else a / (b - 4))", STDIN_TESTS, (2 / 3, "partial")),
+    ("raise RuntimeError('boom')", STDIN_TESTS, (0.0, "runtime_error")),
+    ("def add(a, b):\n    return [][a]", CALL_TESTS, (0.0, "runtime_error")),
+    ("open('t.txt', 'w').write(input())\na, b = map(int, open('t.txt').read().split())\nprint(a + b)", STDIN_TESTS,
+     (1.0, "correct")),  # the working directory is writable
+])
+def test_honest_program_gets_its_score(mode, program, tests, expect):
+    score, reason = run_checked(program, tests, mode, HONEST_TIMEOUT)
+    assert (round(score, 6), reason) == (round(expect[0], 6), expect[1]), (score, reason)
+
+
+def test_output_comparison_ignores_whitespace_and_allows_numeric_tolerance():
+    assert sandbox.stdout_matches("1 2\n3.0000001\n\n", "1 2\n3"), "tolerance and blank lines"
+    assert sandbox.stdout_matches("  a  b \r\nc", "a b\nc\n"), "spaces and CRLF"
+    assert sandbox.stdout_matches("1\n2\n", ["1", "2"]), "expected output given as lines"
+    assert not sandbox.stdout_matches("1 2", "1 3"), "different numbers"
+    assert not sandbox.stdout_matches("", "0"), "no output"
+    assert sandbox.value_matches((1, 2), [1, 2]) and sandbox.value_matches([1, 2], [[1, 2]]), "tuples, APPS wrapping"
+    assert sandbox.value_matches(0.1 + 0.2, 0.3) and not sandbox.value_matches(True, 1), "floats, bool is not int"
+
+
+@pytest.mark.parametrize("row", [json.loads(l) for l in open(os.path.join(ROOT, "data", "code_problems.jsonl"))],
+                         ids=lambda r: f"problem{r['extra_info']['index']}")
+def test_every_shipped_problem_accepts_its_reference_and_rejects_a_wrong_program(row):
+    ref = "```python\n" + row["extra_info"]["reference"] + "\n```"
+    assert verifiers.outcome_reward(row, ref) == (1.0, "correct"), row["prompt"][0]["content"]
+    tests = json.loads(row["reward_model"]["ground_truth"])
+    wrong = "def {0}(*a):\n    return None".format(tests["fn_name"]) if "fn_name" in tests else "print('nope')"
+    assert verifiers.outcome_reward(row, wrong)[0] == 0.0, row["prompt"][0]["content"]
+
+
+def test_shipped_problems_are_about_twenty_of_both_kinds():
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "data", "code_problems.jsonl"))]
+    kinds = [("fn_name" in json.loads(r["reward_model"]["ground_truth"])) for r in rows]
+    assert len(rows) >= 20 and 0 < sum(kinds) < len(rows), f"{len(rows)} rows, {sum(kinds)} call-based"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile programs, in both modes where that is safe.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("program, tests, reasons", [
+    ("while True:\n    pass", ONE_TEST, {"timeout"}),
+    ("import time\ntime.sleep(100)", {**CALL_TESTS, "inputs": [[1, 2]], "outputs": [3]}, {"timeout"}),
+    ("x = bytearray(1 << 34)", ONE_TEST, {"memory"}),
+    # touching 256 MiB page by page can outlast a 1 s limit on a loaded machine: either is a fail
+    ("x = []\nwhile True:\n    x.append(bytearray(10 ** 7))", ONE_TEST, {"memory", "timeout"}),
+    ("while True:\n    print('x' * 10000)", ONE_TEST, {"output_limit"}),
+    ("import sys\nsys.stdout.write('y' * 10 ** 8)", ONE_TEST, {"output_limit", "memory"}),
+    ("import sys\nsys.exit(0)\ndef add(a, b):\n    return a + b", CALL_TESTS, {"runtime_error"}),
+    ("import os\nos._exit(0)\ndef add(a, b):\n    return a + b", CALL_TESTS, {"runtime_error"}),
+    ("import sys\nsys.exit(0)", ONE_TEST, {"wrong"}),
+    ("import os\nprint(os.environ.get('PRIME_TEST_SECRET', 'none'))", {"inputs": [""], "outputs": ["s3cret"]}, {"wrong"}),
+    ("import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(0.2)\nprint(3)",
+     {"inputs": ["1 2\n"], "outputs": ["3\n"]}, {"runtime_error", "sandbox_error"}),
+    ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\nprint(3)",  # a detached orphan
+     {"inputs": ["1 2\n"], "outputs": ["4\n"]}, {"wrong", "timeout"}),  # the orphan holds stdout open
+    ("with open('big', 'wb') as f:\n    f.write(b'0' * (64 << 20))\nprint(3)", {"inputs": ["1 2\n"], "outputs": ["3\n"]},
+     {"runtime_error"}),
+])
+def test_hostile_program_scores_zero_and_leaves_nothing(mode, program, tests, reasons, monkeypatch):
+    monkeypatch.setenv("PRIME_TEST_SECRET", "s3cret")
+    score, reason = run_checked(program, tests, mode)
+    assert score == 0.0 and reason in reasons, (score, reason)
+
+
+@BWRAP_ONLY
+@pytest.mark.parametrize("program", [
+    # every environment the sandbox can see, including other processes' (none visible here)
+    "import os, glob\nfound = os.environ.get('PRIME_TEST_SECRET', '')\n"
+    "for p in glob.glob('/proc/*/environ'):\n    try:\n        found += open(p, 'rb').read().decode(errors='ignore')\n"
+    "    except OSError:\n        pass\nprint('s3cret' if 's3cret' in found else 'none')",
+])
+def test_secrets_of_the_training_process_are_out_of_reach(program, monkeypatch):
+    monkeypatch.setenv("PRIME_TEST_SECRET", "s3cret")
+    result = run_checked(program, {"inputs": [""], "outputs": ["s3cret"]}, "bwrap", HONEST_TIMEOUT)
+    assert result == (0.0, "wrong"), f"the program found the secret: {result}"
+
+
+@BWRAP_ONLY
+def test_writing_outside_the_working_directory_changes_nothing(tmp_path):
+    targets = [str(tmp_path / "outside.txt"), os.path.join(ROOT, "pwned.txt"), "/tmp/prime_pwned.txt"]
+    program = ("ok = 0\nfor p in %r:\n    try:\n        open(p, 'w').write('x')\n        ok += 1\n"
+               "    except OSError:\n        pass\nprint(ok)" % targets)
+    # /tmp inside the sandbox is private: writing there works but never reaches the host's /tmp
+    score, reason = run_checked(program, {"inputs": [""], "outputs": ["3"]}, "bwrap")
+    assert score == 0.0, (score, reason)
+    assert not any(os.path.exists(p) for p in targets), "a file appeared outside the sandbox"
+
+
+@BWRAP_ONLY
+def test_program_cannot_reach_the_network():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    program = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=0.5)\nprint('connected')")
+    try:
+        score, reason = run_checked(program, {"inputs": [""], "outputs": ["connected"]}, "bwrap", HONEST_TIMEOUT)
+    finally:
+        server.close()
+    assert (score, reason) == (0.0, "runtime_error"), (score, reason)
+    program = "import socket\ns = socket.create_connection(('1.1.1.1', 53), timeout=0.5)\nprint('connected')"
+    result = run_checked(program, {"inputs": [""], "outputs": ["connected"]}, "bwrap", HONEST_TIMEOUT)
+    assert result == (0.0, "runtime_error"), f"reached 1.1.1.1: {result}"
+
+
+@BWRAP_ONLY
+def test_kill_everything_reaches_only_the_sandbox():
+    # kill(-1) signals every process the caller may signal: as its own uid in its own PID namespace
+    # that is nothing (the runner is root), so the program goes on and the runner reports it.
+    assert sandbox.sandbox_mode("bwrap") == "bwrap", "kill(-1) must never run outside a PID namespace"
+    program = "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint(3)"
+    score, reason = run_checked(program, {"inputs": ["1 2\n"], "outputs": ["3\n"]}, "bwrap", HONEST_TIMEOUT)
+    assert (score, reason) == (1.0, "correct"), (score, reason)
+
+
+@BWRAP_ONLY
+def test_fork_bomb_is_contained():
+    # First a bounded probe: try to start 200 sleeping processes. If all 200 start, RLIMIT_NPROC
+    # is not enforced in the sandbox and a real fork bomb could exhaust the machine's PIDs: skip.
+    probe = ("import os, time\nn = 0\nfor _ in range(200):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+             "        break\n    if pid == 0:\n        time.sleep(5)\n        os._exit(0)\n    n += 1\nprint(n)")
+    score, _ = run_checked(probe, {"inputs": [""], "outputs": ["200"]}, "bwrap")
+    if score == 1.0:
+        pytest.skip("RLIMIT_NPROC is not enforced in the sandbox here: a fork bomb is too dangerous to test")
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    score, reason = run_checked(bomb, {"inputs": [""], "outputs": ["1"]}, "bwrap")
+    assert (score, reason) == (0.0, "timeout"), (score, reason)
+    # Side by side with honest samples: each sample has its own process count, so they still run.
+    sample = {"ability": "code", "reward_model": {"ground_truth": json.dumps(ONE_TEST)}}
+    honest = "a, b = map(int, input().split())\nprint(a + b)"
+    out = verifiers.outcome_rewards([sample] * 4, [bomb, honest, honest, honest], limits("bwrap", 3.0), workers=4)
+    assert out == [(0.0, "timeout")] + [(1.0, "correct")] * 3, f"the fork bomb disturbed other samples: {out}"
+    assert not stray_processes(), stray_processes()
+
+
+def test_many_samples_in_parallel_each_get_their_own_score():
+    programs = ["a, b = map(int, input().split())\nprint(a + b)", "while True:\n    pass", "print(0)"] * 4
+    tests = {"inputs": ["1 2\n", "0 0\n"], "outputs": ["3\n", "0\n"]}
+    samples = [{"ability": "code", "reward_model": {"ground_truth": json.dumps(tests)}}] * len(programs)
+    t = time.monotonic()
+    out = verifiers.outcome_rewards(samples, programs, limits(sandbox.sandbox_mode(), 2.0), workers=4)
+    assert [r for _, r in out] == ["correct", "timeout", "partial"] * 4, out
+    assert time.monotonic() - t < 30, "the pool ran the hanging programs one after another"
+    assert not stray_processes(), stray_processes()
