@@ -850,7 +850,7 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
     model.set_adapter("policy")
     resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature)
     torch.set_rng_state(rng_state)
-    r_o, _ = verify_batch(cand, decode_responses(tok, resp, mask), cfg.K)
+    r_o, _ = verify_batch(cand, decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers)
     batch = Rollout(p_ids, p_mask, resp, mask, r_o, cand)
     model.set_adapter("prm")
     logp_phi = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
