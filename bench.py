@@ -24,7 +24,9 @@ worker process; the rest of a step (decoding, padding, advantages, grad clipping
 "outside model calls". TRL's phases are timed the same way, by wrapping its methods.
 
 Load matters: this machine has 2 cores; run it on an idle machine (BENCHMARKS.md says under
-what load each published number was taken).
+what load each published number was taken). "CPU s" is the process's CPU time per step
+(`time.process_time`): with `--threads 1` it is close to the wall time of an idle machine and far
+less disturbed by other jobs than wall time.
 """
 import argparse
 import json
@@ -48,7 +50,8 @@ def summarize(steps):
     t_other = t_step - phases, per step, and model_share = t_model / t_step, per step."""
     assert steps, "no measured steps: raise --steps"
     col = lambda f: statistics.median(f(s) for s in steps)  # noqa: E731
-    out = {"n": len(steps), "t_step": col(lambda s: s["t_step"])}
+    out = {"n": len(steps), "t_step": col(lambda s: s["t_step"]), "t_step_min": min(s["t_step"] for s in steps),
+           "cpu_step": col(lambda s: s.get("cpu_step", float("nan")))}
     for k in PHASES:
         out[k] = col(lambda s: s.get(k, 0.0))
     out["t_other"] = col(lambda s: s["t_step"] - sum(s.get(k, 0.0) for k in PHASES))
@@ -59,11 +62,11 @@ def summarize(steps):
 
 def fmt_table(results):
     """A Markdown table of the arms' medians; `results` maps arm name -> summarize() + rss_mb."""
-    head = ("| arm | step s | rollout | verify | PRM fwd+update | policy fwd+update | other | "
+    head = ("| arm | step s | CPU s | rollout | verify | PRM fwd+update | policy fwd+update | other | "
             "gen tok/s | outside model calls | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['t_step']:.3f} | {r['t_rollout']:.3f} | {r['t_verify']:.3f} | "
+        lines.append(f"| {name} | {r['t_step']:.3f} | {r['cpu_step']:.3f} | {r['t_rollout']:.3f} | {r['t_verify']:.3f} | "
                      f"{r['t_prm']:.3f} | {r['t_policy']:.3f} | {r['t_other']:.3f} | {r['tok_per_s']:.0f} | "
                      f"{100 * r['outside_share']:.1f}% | {r['rss_mb']:.0f} |")
     return "\n".join(lines)
@@ -76,7 +79,7 @@ class ModelClock:
     """Accumulates seconds spent in wrapped callables (model calls) and generated tokens."""
 
     def __init__(self):
-        self.t, self.tokens = 0.0, 0
+        self.t, self.tokens, self.cpu0 = 0.0, 0, time.process_time()
 
     def reset(self):
         t, n = self.t, self.tokens
@@ -117,10 +120,12 @@ def worker_ours(args, pm_argv):
 
     def collect_reset(*a, **kw):  # a step starts with collect(): start its clock afresh
         clock.reset()
+        clock.cpu0 = time.process_time()
         return collect(*a, **kw)
 
     def fmt_record(step, cfg, m):  # called once per step, after t_step, before m is written
         m["t_model"], m["gen_tokens"] = clock.reset()
+        m["cpu_step"] = time.process_time() - clock.cpu0
         return fmt(step, cfg, m)
     pm.collect, pm.fmt_step = collect_reset, fmt_record
     cfg = pm.parse_config(pm_argv + ["--steps", str(args.warmup + args.steps), "--eval-n", "1",
@@ -176,14 +181,15 @@ def worker_trl(args, pm_argv):
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
             clock.reset()
             for k in phase:
                 phase[k] = 0.0
 
         def on_step_end(self, a, state, control, **kw):
             t_model, n_tok = clock.reset()
-            times.append({"step": state.global_step, "t_step": time.perf_counter() - self.t0, **phase,
+            times.append({"step": state.global_step, "t_step": time.perf_counter() - self.t0,
+                          "cpu_step": time.process_time() - self.cpu0, **phase,
                           "t_model": t_model, "gen_tokens": n_tok})
 
     trainer = RLOOTrainer(model=model, reward_funcs=reward, args=tcfg, train_dataset=ds, processing_class=tok,
@@ -283,7 +289,9 @@ def main(argv=None):
     print(fmt_table(results))
     print()
     if "prime" in results and "outcome" in results:
-        print(f"PRIME / outcome step time: {results['prime']['t_step'] / results['outcome']['t_step']:.2f}x "
+        p, o = results["prime"], results["outcome"]
+        print(f"PRIME / outcome step time: {p['t_step'] / o['t_step']:.2f}x median, "
+              f"{p['t_step_min'] / o['t_step_min']:.2f}x fastest step, {p['cpu_step'] / o['cpu_step']:.2f}x CPU time "
               "(paper: 1.28x; goal <= 1.3x)")
     if "TRL RLOO" in results and "outcome, no filter" in results:
         ours, trl = results["outcome, no filter"], results["TRL RLOO"]
@@ -293,6 +301,10 @@ def main(argv=None):
                          ("t_policy", "policy fwd+update"), ("t_other", "other")):
             ratio = ours[k] / trl[k] if trl[k] else float("nan")
             print(f"| {label} | {ours[k]:.3f} | {trl[k]:.3f} | {ratio:.2f} |")
+        print(f"| CPU seconds per step (median) | {ours['cpu_step']:.3f} | {trl['cpu_step']:.3f} | "
+              f"{ours['cpu_step'] / trl['cpu_step']:.2f} |")
+        print(f"| fastest step (less sensitive to load) | {ours['t_step_min']:.3f} | {trl['t_step_min']:.3f} | "
+              f"{ours['t_step_min'] / trl['t_step_min']:.2f} |")
     if args.json:
         json.dump({"results": results, "raw": raw, "argv": argv}, open(args.json, "w"), indent=1)
 

@@ -18,7 +18,7 @@ def test_summarize_takes_per_step_medians_and_other_is_step_minus_phases():
         {"t_step": 1.0, "t_rollout": 0.5, "t_verify": 0.1, "t_policy": 0.3, "t_model": 0.9, "gen_tokens": 100},  # no PRM
     ]
     r = bench.summarize(steps)
-    assert r["n"] == 3 and r["t_step"] == 2.0 and r["t_rollout"] == 1.0 and r["t_prm"] == 0.5
+    assert r["n"] == 3 and r["t_step"] == 2.0 and r["t_step_min"] == 1.0 and r["t_rollout"] == 1.0 and r["t_prm"] == 0.5
     # other per step: 0.1, 0.2, 0.1 -> median 0.1 (a median of differences, not a difference of medians)
     assert r["t_other"] == pytest.approx(0.1)
     # outside model calls per step: 0.1, 0.2, 0.1 -> median 0.1; tokens/s per step: 100, 150, 200 -> 150
@@ -28,9 +28,9 @@ def test_summarize_takes_per_step_medians_and_other_is_step_minus_phases():
 def test_table_has_one_row_per_arm_and_every_column():
     r = {**bench.summarize([{"t_step": 1.0, "t_rollout": 0.5, "t_model": 0.95, "gen_tokens": 50}]), "rss_mb": 512.0}
     lines = bench.fmt_table({"prime": r, "outcome": r}).splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| prime | 1.000 | 0.500 |")
+    assert len(lines) == 4 and lines[2].startswith("| prime | 1.000 | nan | 0.500 |")
     assert all(line.count("|") == lines[0].count("|") for line in lines), "every row has every column"
-    assert "| 5.0% | 512 |" in lines[3]
+    assert "| 5.0% | 512 |" in lines[3] and r["cpu_step"] != r["cpu_step"], "no cpu_step given: nan"
 
 
 def test_bench_runs_end_to_end_on_a_micro_configuration(tmp_path):
