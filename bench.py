@@ -25,8 +25,8 @@ worker process; the rest of a step (decoding, padding, advantages, grad clipping
 
 Load matters: this machine has 2 cores; run it on an idle machine (BENCHMARKS.md says under
 what load each published number was taken). "CPU s" is the process's CPU time per step
-(`time.process_time`): with `--threads 1` it is close to the wall time of an idle machine and far
-less disturbed by other jobs than wall time.
+(`time.process_time`): with `--threads 1` it is closer to the wall time of an idle machine and
+less disturbed by other jobs than wall time (not undisturbed: the cores share caches).
 """
 import argparse
 import json
