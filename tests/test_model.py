@@ -187,7 +187,7 @@ def test_filter_keeps_band_groups_and_returns_surplus_prompts_to_the_buffer(tok,
              "reward_model": {"ground_truth": str(i)}} for i in range(10)]
     # Scripted outcomes per round, by prompt: prompt i passes iff it gets one right and one wrong.
     passing = {1, 2, 3}
-    monkeypatch.setattr(pm, "generate", lambda model, tok, ids, am, n, t, greedy=False: (
+    monkeypatch.setattr(pm, "generate", lambda model, tok, ids, am, n, t, greedy=False, **kw: (
         torch.full((ids.shape[0], 3), tok.eos_token_id), torch.ones(ids.shape[0], 3)))
 
     def fake_verify(rws, texts, K, workers=4):
@@ -206,6 +206,30 @@ def test_filter_keeps_band_groups_and_returns_surplus_prompts_to_the_buffer(tok,
     assert batch.rows[0]["reward_model"]["ground_truth"] == "3", "buffered prompt is generated first"
     # Rounds 2-3 draw prompts 5-8, none passes: the step goes on with the 1 group it has.
     assert buffer == [] and st["kept"] == 1 and st["generated"] == 12 and batch.B == 2
+
+
+def test_refill_round_draws_only_what_the_missing_groups_need(tok, monkeypatch):
+    """collect(): after a first round of P prompts with 6 of 8 passing, the refill round draws
+    ceil(1.25 * 2 missing * 8 / 6) = 4 prompts, not another P = 8."""
+    cfg = tiny_cfg(P=8, K=2, max_rollout_rounds=3, filter_low=0.2, filter_high=0.8)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+0="}], "ability": "math",
+             "reward_model": {"ground_truth": str(i)}} for i in range(40)]
+    sizes = []
+
+    def fake_generate(model, tok, ids, am, n, t, greedy=False, **kw):
+        sizes.append(ids.shape[0] // cfg.K)
+        return torch.full((ids.shape[0], 3), tok.eos_token_id), torch.ones(ids.shape[0], 3)
+    monkeypatch.setattr(pm, "generate", fake_generate)
+    passing = {0, 1, 2, 3, 4, 5} | set(range(8, 40))  # prompts 6 and 7 fail the filter
+
+    def fake_verify(rws, texts, K):
+        s = [float(k == 0) if int(r["reward_model"]["ground_truth"]) in passing else 0.0 for r in rws for k in range(K)]
+        return torch.tensor(s), {}
+    monkeypatch.setattr(pm, "verify_batch", fake_verify)
+    buffer = []
+    batch, st = pm.collect(None, tok, cfg, iter(rows), buffer, "cpu")
+    assert sizes == [8, 4] and st["generated"] == 24 and st["kept"] == 8
+    assert [r["reward_model"]["ground_truth"] for r in buffer] == ["10", "11"], "2 surplus prompts go back"
 
 
 def test_evaluation_uses_its_own_seed_and_restores_the_training_rng(tok, monkeypatch):
@@ -231,3 +255,32 @@ def test_evaluation_uses_its_own_seed_and_restores_the_training_rng(tok, monkeyp
     torch.manual_seed(2)
     pm.evaluate(model, tok, rows, cfg, "cpu", False, "")
     assert len(texts[0]) == 12 and texts[0] == texts[1]
+
+
+def test_merged_copy_gives_the_policys_logits_and_leaves_the_adapters_untouched(tok):
+    """Rollouts sample from a plain copy with the policy adapter merged in: the same π_θ (up to
+    float rounding), while the peft model, its adapters and π_ref stay exactly as they were."""
+    cfg = tiny_cfg()
+    model = make_model(tok, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-zero adapters, so that merging matters
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    ids = torch.randint(4, len(tok), (3, 9))
+    for name in ("policy", "prm"):
+        model.set_adapter(name)
+        plain = pm.merged_copy(model)
+        assert not any("lora_" in n for n, _ in plain.named_parameters()), "the copy has no LoRA layers"
+        with torch.no_grad():
+            want, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
+        assert torch.allclose(got, want, atol=1e-5), f"{name}: merged logits differ by {(got - want).abs().max()}"
+        with model.disable_adapter(), torch.no_grad():
+            assert not torch.allclose(model(input_ids=ids).logits, want, atol=1e-3), "the adapter matters here"
+    assert pm.merged_copy(model) is plain, "built once per model, refreshed in place"
+    with model.disable_adapter(), torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert torch.allclose(pm.merged_copy(model)(input_ids=ids).logits, ref, atol=1e-6), "disabled = π_ref"
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before), "model unchanged"

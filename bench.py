@@ -1,0 +1,318 @@
+"""Benchmark: where an RL step's time goes, PRIME's overhead, and the same work in TRL.
+
+    python bench.py                      # the table for the default task (BENCHMARKS.md)
+    python bench.py --steps 10 --threads 1 --no-trl
+    python bench.py --steps 3 --warmup 1 -- --tiny-hidden 32 ...   # flags after -- go to prime_mini
+
+Each arm runs in its own subprocess (so each gets its own peak resident memory), runs `warmup`
+RL steps that are not counted and then `steps` that are, and reports per-step medians:
+
+    prime              the default PRIME step (`--reward-mode prime`)
+    outcome            the outcome-only RLOO baseline (`--reward-mode outcome`)
+    outcome, no filter outcome-only with the accuracy filter off (`--filter-low 0 --filter-high 1`),
+                       so that it generates exactly P*K responses per step, as TRL does
+    TRL RLOO           TRL's `RLOOTrainer` on the same work: the same SFT model, tokenizer, prompts,
+                       P, K, max new tokens, sampling (T=1, no top-k/top-p), LoRA (rank, alpha,
+                       targets), learning rate, one policy update per step, and our verifier as
+                       its reward function. Needs `pip install -r requirements-bench.txt`; skipped
+                       with a message when trl is not installed.
+
+Phases of our step come from the run's own metrics.jsonl (t_rollout, t_verify, t_prm, t_policy,
+t_step; other = step - the four). "model calls" is the time inside generate, forwards
+(`token_logprobs`), backward passes and optimizer steps, timed by wrapping those calls in the
+worker process; the rest of a step (decoding, padding, advantages, grad clipping, Python) is
+"outside model calls". TRL's phases are timed the same way, by wrapping its methods.
+
+Load matters: this machine has 2 cores; run it on an idle machine (BENCHMARKS.md says under
+what load each published number was taken). "CPU s" is the process's CPU time per step
+(`time.process_time`): with `--threads 1` it is closer to the wall time of an idle machine and
+less disturbed by other jobs than wall time (not undisturbed: the cores share caches).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PHASES = ("t_rollout", "t_verify", "t_prm", "t_policy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure table logic (tested in tests/test_bench.py)
+# ---------------------------------------------------------------------------------------------
+def summarize(steps):
+    """Medians over measured steps. `steps` are per-step dicts with t_step, the phase times (absent
+    = 0), t_model (time inside model calls) and gen_tokens. Returns a dict of medians, with
+    t_other = t_step - phases, per step, and model_share = t_model / t_step, per step."""
+    assert steps, "no measured steps: raise --steps"
+    col = lambda f: statistics.median(f(s) for s in steps)  # noqa: E731
+    out = {"n": len(steps), "t_step": col(lambda s: s["t_step"]), "t_step_min": min(s["t_step"] for s in steps),
+           "cpu_step": col(lambda s: s.get("cpu_step", float("nan")))}
+    for k in PHASES:
+        out[k] = col(lambda s: s.get(k, 0.0))
+    out["t_other"] = col(lambda s: s["t_step"] - sum(s.get(k, 0.0) for k in PHASES))
+    out["outside_share"] = col(lambda s: 1.0 - s["t_model"] / s["t_step"])
+    out["tok_per_s"] = col(lambda s: s["gen_tokens"] / s["t_rollout"])
+    return out
+
+
+def fmt_table(results):
+    """A Markdown table of the arms' medians; `results` maps arm name -> summarize() + rss_mb."""
+    head = ("| arm | step s | CPU s | rollout | verify | PRM fwd+update | policy fwd+update | other | "
+            "gen tok/s | outside model calls | peak RSS MB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['t_step']:.3f} | {r['cpu_step']:.3f} | {r['t_rollout']:.3f} | {r['t_verify']:.3f} | "
+                     f"{r['t_prm']:.3f} | {r['t_policy']:.3f} | {r['t_other']:.3f} | {r['tok_per_s']:.0f} | "
+                     f"{100 * r['outside_share']:.1f}% | {r['rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing the model calls inside a worker: wrap them, accumulate per step
+# ---------------------------------------------------------------------------------------------
+class ModelClock:
+    """Accumulates seconds spent in wrapped callables (model calls) and generated tokens."""
+
+    def __init__(self):
+        self.t, self.tokens, self.cpu0 = 0.0, 0, time.process_time()
+
+    def reset(self):
+        t, n = self.t, self.tokens
+        self.t, self.tokens = 0.0, 0
+        return t, n
+
+    def wrap(self, fn):
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.t += time.perf_counter() - t
+        timed.__wrapped__ = fn
+        return timed
+
+
+def wrap_optimizer_and_backward(clock):
+    import torch
+    torch.Tensor.backward = clock.wrap(torch.Tensor.backward)
+    torch.optim.AdamW.step = clock.wrap(torch.optim.AdamW.step)  # before any optimizer is built
+
+
+def worker_ours(args, pm_argv):
+    """Run prime_mini.run() for warmup+steps RL steps; return the measured steps' metrics."""
+    import prime_mini as pm
+    clock = ModelClock()
+    wrap_optimizer_and_backward(clock)
+    gen = pm.generate
+
+    def generate(*a, **kw):  # count the valid generated tokens (through the first EOS)
+        resp, mask = gen(*a, **kw)
+        clock.tokens += int(mask.sum().item())
+        return resp, mask
+    pm.generate = clock.wrap(generate)
+    pm.token_logprobs = clock.wrap(pm.token_logprobs)
+    collect, fmt = pm.collect, pm.fmt_step
+
+    def collect_reset(*a, **kw):  # a step starts with collect(): start its clock afresh
+        clock.reset()
+        clock.cpu0 = time.process_time()
+        return collect(*a, **kw)
+
+    def fmt_record(step, cfg, m):  # called once per step, after t_step, before m is written
+        m["t_model"], m["gen_tokens"] = clock.reset()
+        m["cpu_step"] = time.process_time() - clock.cpu0
+        return fmt(step, cfg, m)
+    pm.collect, pm.fmt_step = collect_reset, fmt_record
+    cfg = pm.parse_config(pm_argv + ["--steps", str(args.warmup + args.steps), "--eval-n", "1",
+                                     "--eval-samples", "1", "--no-show-progress", "--out-dir", args.out_dir,
+                                     "--run-name", f"bench-{args.arm}"] + (["--threads", str(args.threads)] if args.threads else []))
+    _, run_dir = pm.run(cfg)
+    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [s for s in steps if s["step"] > args.warmup and "t_policy" in s]
+
+
+def worker_trl(args, pm_argv):
+    """TRL's RLOOTrainer on the same work as `outcome, no filter`; per-step times via a callback."""
+    import torch
+    import prime_mini as pm
+    import verifiers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+    cfg = pm.parse_config(pm_argv + ["--no-show-progress", "--out-dir", args.out_dir])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(cfg.seed)
+    path = cfg.model or pm.sft_warmup(cfg, "cpu")
+    tok = pm.load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    n_steps = args.warmup + args.steps
+    stream = pm.prompt_stream([r for p in cfg.data.split(",") for r in pm.load_rows(p)], cfg.seed)
+    rows = [next(stream) for _ in range(cfg.P * n_steps)]  # the first prompts our loop would see
+    ds = Dataset.from_list([{"prompt": pm.prompt_text(tok, r["prompt"]), "idx": i} for i, r in enumerate(rows)])
+
+    clock = ModelClock()
+    wrap_optimizer_and_backward(clock)
+    phase = {"t_rollout": 0.0, "t_verify": 0.0, "t_policy": 0.0}
+
+    def reward(prompts, completions, idx, **kw):  # our verifier, on the same rows
+        t = time.perf_counter()
+        out = [verifiers.outcome_reward(rows[i], c)[0] for i, c in zip(idx, completions)]
+        phase["t_verify"] += time.perf_counter() - t
+        return out
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=int(cfg.lora_alpha_ratio * cfg.lora_r), lora_dropout=0.0,
+                      target_modules=cfg.lora_targets, bias="none", task_type="CAUSAL_LM")
+    tcfg = RLOOConfig(
+        output_dir=os.path.join(args.out_dir, "bench-trl"), per_device_train_batch_size=cfg.P * cfg.K,
+        num_generations=cfg.K, max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_k=0, top_p=1.0, beta=0.0, num_iterations=1, gradient_accumulation_steps=1,
+        learning_rate=cfg.lr_policy, lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.wd_policy,
+        max_grad_norm=cfg.policy_grad_clip, epsilon=cfg.eps_clip, gradient_checkpointing=False, bf16=False,
+        use_cpu=True, max_steps=n_steps, report_to="none", logging_steps=10 ** 6, save_strategy="no",
+        disable_tqdm=True, shuffle_dataset=False, dataloader_num_workers=0, seed=cfg.seed)
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+            clock.reset()
+            for k in phase:
+                phase[k] = 0.0
+
+        def on_step_end(self, a, state, control, **kw):
+            t_model, n_tok = clock.reset()
+            times.append({"step": state.global_step, "t_step": time.perf_counter() - self.t0,
+                          "cpu_step": time.process_time() - self.cpu0, **phase,
+                          "t_model": t_model, "gen_tokens": n_tok})
+
+    trainer = RLOOTrainer(model=model, reward_funcs=reward, args=tcfg, train_dataset=ds, processing_class=tok,
+                          peft_config=lora, callbacks=[StepTimer()])
+    inner_gen = trainer._generate_single_turn
+
+    def gen_timed(*a, **kw):  # generate: rollout time and valid tokens
+        t = time.perf_counter()
+        ids = inner_gen(*a, **kw)
+        phase["t_rollout"] += time.perf_counter() - t
+        clock.tokens += sum(len(c) for c in ids)
+        return ids
+    trainer._generate_single_turn = clock.wrap(gen_timed)
+    trainer._get_per_token_logps_and_entropies = clock.wrap(trainer._get_per_token_logps_and_entropies)
+    # Everything after scoring (old-logp forward, loss forward, backward, optimizer) counts as policy.
+    inner_train = trainer.training_step
+
+    def train_timed(*a, **kw):
+        t = time.perf_counter()
+        r0, v0 = phase["t_rollout"], phase["t_verify"]
+        out = inner_train(*a, **kw)
+        total = time.perf_counter() - t
+        phase["t_policy"] += total - (phase["t_rollout"] - r0) - (phase["t_verify"] - v0)
+        return out
+    trainer.training_step = train_timed
+    opt_step = torch.optim.AdamW.step  # the optimizer step runs outside training_step: count it as policy
+
+    def opt_timed(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return opt_step(self, *a, **kw)
+        finally:
+            phase["t_policy"] += time.perf_counter() - t
+    torch.optim.AdamW.step = opt_timed
+    trainer.train()
+    return [s for s in times if s["step"] > args.warmup]
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: one subprocess per arm, then the tables
+# ---------------------------------------------------------------------------------------------
+ARMS = {
+    "prime": ["--reward-mode", "prime"],
+    "outcome": ["--reward-mode", "outcome"],
+    "outcome, no filter": ["--reward-mode", "outcome", "--filter-low", "0", "--filter-high", "1"],
+    "TRL RLOO": ["--reward-mode", "outcome", "--filter-low", "0", "--filter-high", "1"],
+}
+
+
+def run_arm(name, args, pm_argv):
+    kind = "trl" if name.startswith("TRL") else "ours"
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--arm", name.replace(", ", "-").replace(" ", "-"),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+            "--out-dir", args.out_dir, "--"] + pm_argv + ARMS[name]
+    t = time.time()
+    out = subprocess.run(argv, cwd=HERE, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"arm {name!r} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {name}: {len(res['steps'])} measured steps, {time.time() - t:.0f}s", flush=True)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="measured RL steps per arm")
+    ap.add_argument("--warmup", type=int, default=3, help="RL steps run first and not counted")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per arm (0 = torch's default)")
+    ap.add_argument("--out-dir", default="runs", help="run folder (the SFT cache under it is reused)")
+    ap.add_argument("--arms", default="prime,outcome,outcome-nofilter,trl",
+                    help="comma-separated subset of prime, outcome, outcome-nofilter, trl")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL arm")
+    ap.add_argument("--json", default="", help="also write the results to this file")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    pm_argv = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+
+    if args.worker:  # inside a subprocess: run one arm, print its steps and peak RSS as JSON
+        steps = (worker_trl if args.worker == "trl" else worker_ours)(args, pm_argv)
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(json.dumps({"steps": steps, "rss_mb": rss_mb}))
+        return
+
+    key = {"prime": "prime", "outcome": "outcome", "outcome-nofilter": "outcome, no filter", "trl": "TRL RLOO"}
+    names = [key[a] for a in args.arms.split(",")]
+    if "TRL RLOO" in names and (args.no_trl or not _have_trl()):
+        print("TRL arm skipped: " + ("--no-trl" if args.no_trl else
+              "trl is not installed (pip install -r requirements-bench.txt)"))
+        names.remove("TRL RLOO")
+    print(f"bench: {args.warmup} warm-up + {args.steps} measured steps per arm, threads "
+          f"{args.threads or 'default'}, prime_mini flags {pm_argv or '(defaults)'}")
+    raw = {n: run_arm(n, args, pm_argv) for n in names}
+    results = {n: {**summarize(r["steps"]), "rss_mb": r["rss_mb"]} for n, r in raw.items()}
+    print("\nMedian seconds per RL step and per phase\n")
+    print(fmt_table(results))
+    print()
+    if "prime" in results and "outcome" in results:
+        p, o = results["prime"], results["outcome"]
+        print(f"PRIME / outcome step time: {p['t_step'] / o['t_step']:.2f}x median, "
+              f"{p['t_step_min'] / o['t_step_min']:.2f}x fastest step, {p['cpu_step'] / o['cpu_step']:.2f}x CPU time "
+              "(paper: 1.28x; goal <= 1.3x)")
+    if "TRL RLOO" in results and "outcome, no filter" in results:
+        ours, trl = results["outcome, no filter"], results["TRL RLOO"]
+        print("\nSame work, ours (outcome, no filter) vs TRL RLOOTrainer, median s per step\n")
+        print("| phase | ours | TRL | ours / TRL |\n|---|---|---|---|")
+        for k, label in (("t_step", "step"), ("t_rollout", "rollout (generate)"), ("t_verify", "verify"),
+                         ("t_policy", "policy fwd+update"), ("t_other", "other")):
+            ratio = ours[k] / trl[k] if trl[k] else float("nan")
+            print(f"| {label} | {ours[k]:.3f} | {trl[k]:.3f} | {ratio:.2f} |")
+        print(f"| CPU seconds per step (median) | {ours['cpu_step']:.3f} | {trl['cpu_step']:.3f} | "
+              f"{ours['cpu_step'] / trl['cpu_step']:.2f} |")
+        print(f"| fastest step (less sensitive to load) | {ours['t_step_min']:.3f} | {trl['t_step_min']:.3f} | "
+              f"{ours['t_step_min'] / trl['t_step_min']:.2f} |")
+    if args.json:
+        json.dump({"results": results, "raw": raw, "argv": argv}, open(args.json, "w"), indent=1)
+
+
+def _have_trl():
+    import importlib.util
+    return importlib.util.find_spec("trl") is not None
+
+
+if __name__ == "__main__":
+    main()

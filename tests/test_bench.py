@@ -1,0 +1,49 @@
+"""bench.py: the table's medians against a hand computation, and a micro run end to end."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_summarize_takes_per_step_medians_and_other_is_step_minus_phases():
+    steps = [
+        {"t_step": 2.0, "t_rollout": 1.0, "t_verify": 0.1, "t_prm": 0.5, "t_policy": 0.3, "t_model": 1.8, "gen_tokens": 100},
+        {"t_step": 3.0, "t_rollout": 2.0, "t_verify": 0.1, "t_prm": 0.5, "t_policy": 0.2, "t_model": 2.4, "gen_tokens": 300},
+        {"t_step": 1.0, "t_rollout": 0.5, "t_verify": 0.1, "t_policy": 0.3, "t_model": 0.9, "gen_tokens": 100},  # no PRM
+    ]
+    r = bench.summarize(steps)
+    assert r["n"] == 3 and r["t_step"] == 2.0 and r["t_step_min"] == 1.0 and r["t_rollout"] == 1.0 and r["t_prm"] == 0.5
+    # other per step: 0.1, 0.2, 0.1 -> median 0.1 (a median of differences, not a difference of medians)
+    assert r["t_other"] == pytest.approx(0.1)
+    # outside model calls per step: 0.1, 0.2, 0.1 -> median 0.1; tokens/s per step: 100, 150, 200 -> 150
+    assert r["outside_share"] == pytest.approx(0.1) and r["tok_per_s"] == pytest.approx(150)
+
+
+def test_table_has_one_row_per_arm_and_every_column():
+    r = {**bench.summarize([{"t_step": 1.0, "t_rollout": 0.5, "t_model": 0.95, "gen_tokens": 50}]), "rss_mb": 512.0}
+    lines = bench.fmt_table({"prime": r, "outcome": r}).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| prime | 1.000 | nan | 0.500 |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines), "every row has every column"
+    assert "| 5.0% | 512 |" in lines[3] and r["cpu_step"] != r["cpu_step"], "no cpu_step given: nan"
+
+
+def test_bench_runs_end_to_end_on_a_micro_configuration(tmp_path):
+    micro = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
+             "--sft-steps", "20", "--sft-batch", "16", "--P", "4", "--K", "2", "--max-new-tokens", "16",
+             "--micro-batch", "4", "--filter-low", "0", "--filter-high", "1"]
+    have_trl = importlib.util.find_spec("trl") is not None
+    arms = "prime,outcome" + (",outcome-nofilter,trl" if have_trl else "")
+    argv = [sys.executable, "bench.py", "--steps", "2", "--warmup", "1", "--threads", "1", "--arms", arms,
+            "--out-dir", str(tmp_path), "--json", str(tmp_path / "bench.json"), "--"] + micro
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "| prime |" in out.stdout and "| outcome |" in out.stdout and "PRIME / outcome step time" in out.stdout
+    if have_trl:
+        assert "| TRL RLOO |" in out.stdout and "ours / TRL" in out.stdout
+    assert (tmp_path / "bench.json").exists()
