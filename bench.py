@@ -153,8 +153,9 @@ def worker_trl(args, pm_argv):
     tok = pm.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     n_steps = args.warmup + args.steps
-    stream = pm.prompt_stream([r for p in cfg.data.split(",") for r in pm.load_rows(p)], cfg.seed)
-    rows = [next(stream) for _ in range(cfg.P * n_steps)]  # the first prompts our loop would see
+    all_rows = [r for p in cfg.data.split(",") for r in pm.load_rows(p)]
+    stream = pm.PromptStream(len(all_rows), cfg.seed)
+    rows = [all_rows[stream.next()] for _ in range(cfg.P * n_steps)]  # the first prompts our loop would see
     ds = Dataset.from_list([{"prompt": pm.prompt_text(tok, r["prompt"]), "idx": i} for i, r in enumerate(rows)])
 
     clock = ModelClock()

@@ -222,14 +222,15 @@ def test_refill_round_draws_only_what_the_missing_groups_need(tok, monkeypatch):
     monkeypatch.setattr(pm, "generate", fake_generate)
     passing = {0, 1, 2, 3, 4, 5} | set(range(8, 40))  # prompts 6 and 7 fail the filter
 
-    def fake_verify(rws, texts, K):
+    def fake_verify(rws, texts, K, workers=4):
         s = [float(k == 0) if int(r["reward_model"]["ground_truth"]) in passing else 0.0 for r in rws for k in range(K)]
         return torch.tensor(s), {}
     monkeypatch.setattr(pm, "verify_batch", fake_verify)
-    buffer = []
-    batch, st = pm.collect(None, tok, cfg, iter(rows), buffer, "cpu")
+    stream, buffer = pm.PromptStream(len(rows), seed=0), []
+    stream.order, stream.pos = list(range(len(rows))), 0  # in file order, for the hand count
+    batch, st = pm.collect(None, tok, cfg, rows, stream, buffer, "cpu")
     assert sizes == [8, 4] and st["generated"] == 24 and st["kept"] == 8
-    assert [r["reward_model"]["ground_truth"] for r in buffer] == ["10", "11"], "2 surplus prompts go back"
+    assert buffer == [10, 11], "2 surplus prompts (row indices) go back"
 
 
 def test_evaluation_uses_its_own_seed_and_restores_the_training_rng(tok, monkeypatch):
