@@ -187,7 +187,7 @@ def test_filter_keeps_band_groups_and_returns_surplus_prompts_to_the_buffer(tok,
              "reward_model": {"ground_truth": str(i)}} for i in range(10)]
     # Scripted outcomes per round, by prompt: prompt i passes iff it gets one right and one wrong.
     passing = {1, 2, 3}
-    monkeypatch.setattr(pm, "generate", lambda model, tok, ids, am, n, t, greedy=False: (
+    monkeypatch.setattr(pm, "generate", lambda model, tok, ids, am, n, t, greedy=False, batch_size=0: (
         torch.full((ids.shape[0], 3), tok.eos_token_id), torch.ones(ids.shape[0], 3)))
 
     def fake_verify(rws, texts, K):
