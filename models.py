@@ -148,6 +148,12 @@ def load_base(path, device, cfg):
         from peft import prepare_model_for_kbit_training
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # bitsandbytes' CPU kernels repack a weight for inference at the first no-grad forward in
+        # eval mode (on CPUs with AVX512-BF16); the repacked weight has no backward, and our frozen
+        # base is always in eval mode and generates before it trains. Keep the trainable layout.
+        for m in base.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     else:
         base = base.to(device)
         if cfg.gradient_checkpointing:
@@ -155,6 +161,10 @@ def load_base(path, device, cfg):
     base.eval()  # no dropout: logp_old must equal logp at the first policy step
     for p in base.parameters():
         p.requires_grad_(False)
+    n = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in base.parameters())
+    print(f"base: {path} ({n / 1e6:.1f}M parameters, "
+          f"{'4-bit NF4' if cfg.load_in_4bit else str(dtype).replace('torch.', '')} on {device}, "
+          f"gradient checkpointing {'on' if checkpointing(base) else 'off'})")
     return base, tok
 
 
@@ -196,6 +206,11 @@ def set_train_mode(model, on):
             m.training = on
         elif ".lora_dropout." in name and isinstance(m, torch.nn.Dropout):
             m.training = on
+
+
+def checkpointing(model):
+    """Whether gradient checkpointing is enabled on the model's decoder layers."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def output_head(model):
