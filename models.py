@@ -46,6 +46,23 @@ def build_char_tokenizer():
                                    pad_token="<pad>", unk_token="<unk>")
 
 
+def build_chat_tokenizer(corpus, vocab_size=400):
+    """A small byte-level BPE tokenizer (the kind Qwen uses) trained on `corpus`, with ChatML
+    special tokens and template: a stand-in for a hub tokenizer in offline tests and scripts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()  # bytes back to text: spaces and newlines survive
+    t.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
 def load_tokenizer(path):
     """Our character tokenizer reloads with PreTrainedTokenizerFast: AutoTokenizer would read the
     folder's Qwen2 config and give a Qwen2Tokenizer that drops spaces and newlines."""

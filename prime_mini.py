@@ -18,6 +18,8 @@ base with adapters disabled is the reference π_ref. Both adapters start at zero
 
 Run:  python prime_mini.py                 # tiny model, embedded task, CPU, a few minutes
       python prime_mini.py --help          # every Config field as a flag
+      python prime_mini.py --preset qwen2.5-math-7b --plan-memory   # 7B in 4-bit: will it fit?
+Loading real models (4-bit), the adapters and the memory planner live in models.py.
 
 Paper symbol → variable → Config field
     π_θ (policy)              adapter "policy"        lora_r, lr_policy
@@ -168,8 +170,9 @@ FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "p
 
 
 # Presets: a model and the run sizes that the memory planner fits into a 24 GB GPU (README, "Real
-# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; spec §8). Learning rates are LoRA-sized starting points with [O]'s PRM:policy ratio of 2:1; they
-# were not tuned on these models. Qwen2.5-Math-7B is the paper's base; PRIME's SFT model
+# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; spec §8).
+# Learning rates are LoRA-sized starting points with [O]'s PRM:policy ratio of 2:1; they were not
+# tuned on these models. Qwen2.5-Math-7B is the paper's base; PRIME's SFT model
 # (--model PRIME-RL/Eurus-2-7B-SFT) has the same architecture and the same plan.
 PRESETS = {
     "tiny": {},

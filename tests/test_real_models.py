@@ -12,24 +12,12 @@ import models
 import prime_mini as pm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def build_chat_checkpoint(path, vocab=512):
     """A small Qwen2ForCausalLM (random weights) and a byte-level BPE tokenizer carrying a ChatML
     template, saved as a Hugging Face folder, as a hub checkpoint would be."""
-    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     corpus = [pm.SYSTEM_PROMPT, pm.TASK_SUFFIX["math"], "47+8-13+9-6=", "47+8=55;55-13=42;\\boxed{45}"] * 5
-    t = Tokenizer(tm.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHATML
+    tok = models.build_chat_tokenizer(corpus)
     tok.save_pretrained(path)
     torch.manual_seed(0)
     mc = Qwen2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
