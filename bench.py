@@ -156,7 +156,7 @@ def worker_trl(args, pm_argv):
     all_rows = [r for p in cfg.data.split(",") for r in pm.load_rows(p)]
     stream = pm.PromptStream(len(all_rows), cfg.seed)
     rows = [all_rows[stream.next()] for _ in range(cfg.P * n_steps)]  # the first prompts our loop would see
-    ds = Dataset.from_list([{"prompt": pm.prompt_text(tok, r["prompt"]), "idx": i} for i, r in enumerate(rows)])
+    ds = Dataset.from_list([{"prompt": pm.prompt_text(tok, r["prompt"], r.get("ability")), "idx": i} for i, r in enumerate(rows)])
 
     clock = ModelClock()
     wrap_optimizer_and_backward(clock)

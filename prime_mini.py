@@ -18,6 +18,8 @@ base with adapters disabled is the reference π_ref. Both adapters start at zero
 
 Run:  python prime_mini.py                 # tiny model, embedded task, CPU, a few minutes
       python prime_mini.py --help          # every Config field as a flag
+      python prime_mini.py --preset qwen2.5-math-7b --plan-memory   # 7B in 4-bit: will it fit?
+Loading real models (4-bit), the adapters and the memory planner live in models.py.
 
 Paper symbol → variable → Config field
     π_θ (policy)              adapter "policy"        lora_r, lr_policy
@@ -58,6 +60,9 @@ from tqdm.auto import tqdm
 import prm
 import rl
 import verifiers
+from models import (CHARS, ConfigError, add_adapters, adapter_params, build_char_tokenizer,  # noqa: F401
+                    build_tiny_model, load_base, load_tokenizer, save_tokenizer)
+import models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,6 +86,12 @@ class Config:
     verify_workers: int = 4  # code responses verified in parallel (sandboxed subprocesses; verifiers.py)
     # model
     model: str = ""  # a Hugging Face model name or folder as the SFT model; empty = tiny default
+    preset: str = "tiny"  # tiny | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes that fit a 24 GB GPU (README); explicit flags win
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, double quantization), gradient checkpointing on
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (always on with --load-in-4bit)
+    max_prompt_len: int = 1024  # prompts longer than this many tokens are dropped and counted (spec §8: 1024)
+    plan_memory: bool = False  # print the estimated peak GPU memory by component for this config and exit (loads no weights)
+    gpu_memory_gb: float = 24.0  # GPU memory the planner checks against; a preset that does not fit stops the run
     tiny_hidden: int = 128  # tiny Qwen2: hidden size (0.8M parameters in all: learns the task in ~3 CPU min)
     tiny_layers: int = 3  # tiny Qwen2: decoder layers
     tiny_heads: int = 4  # tiny Qwen2: attention heads (and key/value heads)
@@ -101,6 +112,7 @@ class Config:
     filter_high: float = 0.8  # ... and its accuracy <= filter_high (paper §3.3: 0.8)
     max_rollout_rounds: int = 8  # rounds of generation per step to fill P kept prompts
     merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, ~40% faster rollout; one more copy of the base in memory)
+    gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
     # implicit PRM (paper §3.1, §4.1; spec §2-3)
     reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline)
     beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
@@ -121,7 +133,8 @@ class Config:
     # policy (paper §4.1; spec §5)
     lora_r: int = 8  # LoRA rank of the policy adapter
     lora_alpha_ratio: float = 2.0  # LoRA alpha = ratio × rank, for both adapters
-    lora_targets: str = "all-linear"  # modules that get LoRA (peft's target_modules)
+    lora_targets: str = "all-linear"  # modules that get LoRA: all-linear, or names such as q_proj,v_proj
+    lora_dropout: float = 0.0  # dropout on the LoRA input of both adapters (0: logp_old equals logp exactly)
     lr_policy: float = 1e-3  # policy learning rate (paper 5e-7 is full fine-tuning; calibrated for LoRA)
     wd_policy: float = 0.01  # AdamW weight decay of the policy (veRL default 0.01)
     policy_grad_clip: float = 1.0  # policy grad-norm clip (spec §5: 1.0)
@@ -129,6 +142,7 @@ class Config:
     eps_clip: float = 0.2  # ε of PPO-clip (spec §5: 0.2)
     loss_agg: str = "seq-mean-token-mean"  # seq-mean-token-mean ([O]) | token-mean ([R])
     micro_batch: int = 128  # rows per forward/backward; gradient accumulation over micro-batches
+    logprob_chunk: int = 8192  # response tokens per output-head chunk: bounds the fp32 (tokens, V) logits
     # evaluation
     eval_n: int = 500  # held-out prompts (0 = all)
     eval_samples: int = 8  # samples per held-out prompt at temperature 1 (accuracy = their mean)
@@ -151,6 +165,7 @@ CHOICES = {
     "adv_estimator": ("rloo", "grpo", "reinforce"),
     "prime_norm": ("batch_norm", "none"),
     "loss_agg": ("seq-mean-token-mean", "token-mean"),
+    "preset": ("tiny", "qwen2.5-0.5b", "qwen2.5-math-7b"),
 }
 
 # The paper's code [O] (spec §14), for the algorithmic fields the tiny default changes. Learning
@@ -161,6 +176,24 @@ FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "p
             "policy_minibatches": 4, "ref_type": "freeze", "adv_estimator": "rloo",
             "loss_agg": "seq-mean-token-mean", "beta": 0.05, "eps_clip": 0.2, "filter_low": 0.2,
             "filter_high": 0.8, "K": 4, "gamma_process": 1.0, "gamma_outcome": 1.0}
+
+
+# Presets: a model and the run sizes that the memory planner fits into a 24 GB GPU (README, "Real
+# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; spec §8).
+# Learning rates are LoRA-sized starting points with [O]'s PRM:policy ratio of 2:1; they were not
+# tuned on these models. Qwen2.5-Math-7B is the paper's base; PRIME's SFT model
+# (--model PRIME-RL/Eurus-2-7B-SFT) has the same architecture and the same plan.
+PRESETS = {
+    "tiny": {},
+    "qwen2.5-0.5b": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "load_in_4bit": True, "P": 32, "K": 4,
+                     "max_prompt_len": 1024, "max_new_tokens": 3072, "gen_batch": 64, "micro_batch": 4,
+                     "logprob_chunk": 1024, "lora_r": 32, "prm_lora_r": 32, "lr_policy": 2e-5, "lr_prm": 4e-5,
+                     "eval_n": 200, "eval_samples": 4},
+    "qwen2.5-math-7b": {"model": "Qwen/Qwen2.5-Math-7B", "load_in_4bit": True, "P": 16, "K": 4,
+                        "max_prompt_len": 1024, "max_new_tokens": 3072, "gen_batch": 16, "micro_batch": 1,
+                        "logprob_chunk": 1024, "lora_r": 16, "prm_lora_r": 16, "lr_policy": 1e-5, "lr_prm": 2e-5,
+                        "eval_n": 100, "eval_samples": 4},
+}
 
 
 def _field_help():
@@ -193,11 +226,21 @@ def parse_config(argv=None):
     explicit = _explicit_fields(argv)
     if cfg.resume:
         cfg = resumed_config(cfg, explicit)
-    elif cfg.faithful:
-        for k, v in FAITHFUL.items():
+    else:
+        for k, v in PRESETS.get(cfg.preset, {}).items():
             if k not in explicit:  # a flag given explicitly still wins
                 setattr(cfg, k, v)
+    if cfg.faithful and not cfg.resume:
+        for k, v in FAITHFUL.items():
+            if k not in explicit:
+                setattr(cfg, k, v)
     validate(cfg)
+    if cfg.preset != "tiny" and not cfg.plan_memory:
+        rows, total, info = models.plan_memory(arch_config(cfg), cfg)
+        if not models.fits(total, cfg.gpu_memory_gb):
+            raise ConfigError(f"--preset {cfg.preset}: the planner estimates a peak of {total / models.GB:.1f} GB, "
+                              f"which does not fit --gpu-memory-gb {cfg.gpu_memory_gb:g} (less 10% headroom); "
+                              "see --plan-memory, and lower --gen-batch, --micro-batch or --max-new-tokens")
     return cfg
 
 
@@ -235,8 +278,22 @@ def resumed_config(cfg, explicit):
     return new
 
 
-class ConfigError(ValueError):
-    pass
+def arch_config(cfg):
+    """The transformers config of the base: --model's, or the tiny default's."""
+    if cfg.model:
+        return models.model_config(cfg.model)
+    return build_tiny_model(cfg, build_char_tokenizer()).config
+
+
+def print_memory_plan(cfg):
+    """--plan-memory: the planner's table for this config, on a GPU (no weights are loaded)."""
+    rows, total, info = models.plan_memory(arch_config(cfg), cfg)
+    title = (f"memory plan: {cfg.model or 'tiny default'} ({'4-bit NF4' if cfg.load_in_4bit else 'bf16'}, "
+             f"P={cfg.P} K={cfg.K}, prompt {cfg.max_prompt_len} + response {cfg.max_new_tokens} tokens, "
+             f"gen batch {cfg.gen_batch or cfg.P * cfg.K}, micro-batch {cfg.micro_batch}, "
+             f"LoRA r={cfg.lora_r}/{cfg.prm_lora_r}, log-prob chunk {cfg.logprob_chunk} tokens)")
+    print(models.format_plan(rows, total, info, cfg.gpu_memory_gb, title))
+    return total
 
 
 def validate(cfg):
@@ -251,7 +308,8 @@ def validate(cfg):
     if cfg.filter_low > cfg.filter_high:
         bad("filter_low", f"{cfg.filter_low} is above --filter-high {cfg.filter_high}")
     for name in ("steps", "P", "max_new_tokens", "micro_batch", "verify_workers", "prm_minibatches",
-                 "policy_minibatches", "sft_batch", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r"):
+                 "policy_minibatches", "sft_batch", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r",
+                 "max_prompt_len", "logprob_chunk"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
     if cfg.steps and cfg.temperature <= 0:
@@ -268,8 +326,20 @@ def validate(cfg):
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if cfg.gen_batch < 0:
+        bad("gen_batch", f"must be >= 0, got {cfg.gen_batch}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.gpu_memory_gb <= 0:
+        bad("gpu_memory_gb", f"must be > 0, got {cfg.gpu_memory_gb}")
+    if cfg.model:
+        models.check_model_source(cfg.model)
+    if cfg.load_in_4bit and not models.bitsandbytes_available():
+        bad("load_in_4bit", "needs bitsandbytes (pip install bitsandbytes; version 0.45 or later also runs NF4 on the CPU)")
+    if cfg.plan_memory:
+        return  # the planner reads no data
     for path in cfg.data.split(",") + [cfg.test_data] + ([] if cfg.model else [cfg.sft_data]):
-        if not os.path.exists(resolve(path)):
+        if is_local_data(path) and not os.path.exists(resolve(path)):
             raise ConfigError(f"data file not found: {path}")
     if cfg.resume and latest_checkpoint(cfg.resume) is None:
         bad("resume", f"{cfg.resume} has no complete checkpoint (checkpoint-NNNNNN folder) to resume from")
@@ -285,10 +355,42 @@ def resolve(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: JSONL rows in the Eurus-2-RL-Data schema, checked line by line.
+# Data: rows in the Eurus-2-RL-Data schema (prompt as chat messages, ability,
+# reward_model.ground_truth, data_source), from JSONL, Parquet or a hub dataset; checked row by row.
 # ---------------------------------------------------------------------------------------------
+SCHEMA = ("prompt", "ability", "reward_model")
+
+
+def is_local_data(path):
+    """A data file (JSONL, JSON or Parquet) rather than a hub dataset name such as PRIME-RL/Eurus-2-RL-Data."""
+    return path.endswith((".jsonl", ".json", ".parquet"))
+
+
+def check_row(r, where, need_response=False):
+    """Stop at the first row that does not follow the schema, naming where it is."""
+    if not isinstance(r, dict):
+        raise ConfigError(f"{where}: a row must be a JSON object")
+    msgs = r.get("prompt")
+    if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "content" in m for m in msgs)):
+        raise ConfigError(f"{where}: 'prompt' must be a list of chat messages with 'content'")
+    if not isinstance(r.get("reward_model"), dict) or "ground_truth" not in r["reward_model"]:
+        raise ConfigError(f"{where}: missing 'reward_model.ground_truth'")
+    if r.get("ability") not in ("math", "code"):
+        raise ConfigError(f"{where}: 'ability' must be 'math' or 'code' (got {r.get('ability')!r})")
+    try:  # code ground truth is a JSON string of test cases: check it now, not mid-run
+        verifiers.check_sample(r)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if need_response and not isinstance(r.get("response"), str):
+        raise ConfigError(f"{where}: SFT rows need a 'response' string")
+
+
 def load_rows(path, need_response=False):
-    """Read a JSONL file; a malformed row stops with the file and line number."""
+    """Read the rows of a JSONL file (our own reader: errors name file and line), or of a Parquet
+    or JSON file or a hub dataset (`NAME` or `NAME:SPLIT`, default split train) through
+    `datasets.load_dataset`."""
+    if not path.endswith(".jsonl"):
+        return load_dataset_rows(path, need_response)
     rows = []
     with open(resolve(path)) as f:
         for lineno, line in enumerate(f, 1):
@@ -299,107 +401,81 @@ def load_rows(path, need_response=False):
                 r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(r, dict):
-                raise ConfigError(f"{where}: a row must be a JSON object")
-            msgs = r.get("prompt")
-            if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "content" in m for m in msgs)):
-                raise ConfigError(f"{where}: 'prompt' must be a list of chat messages with 'content'")
-            if not isinstance(r.get("reward_model"), dict) or "ground_truth" not in r["reward_model"]:
-                raise ConfigError(f"{where}: missing 'reward_model.ground_truth'")
-            if r.get("ability") not in ("math", "code"):
-                raise ConfigError(f"{where}: 'ability' must be 'math' or 'code' (got {r.get('ability')!r})")
-            try:  # code ground truth is a JSON string of test cases: check it now, not mid-run
-                verifiers.check_sample(r)
-            except ValueError as e:
-                raise ConfigError(f"{where}: {e}") from None
-            if need_response and not isinstance(r.get("response"), str):
-                raise ConfigError(f"{where}: SFT rows need a 'response' string")
+            check_row(r, where, need_response)
             rows.append(r)
     if not rows:
         raise ConfigError(f"{path}: no rows")
     return rows
 
 
-def prompt_text(tok, messages):
-    """The chat template when the tokenizer has one; otherwise BOS + the user turn(s) as plain text
-    (the tiny default has no template: its prompt is just `<bos>47+8-3+9-6=`)."""
+def load_dataset_rows(path, need_response=False):
+    import datasets
+    datasets.disable_progress_bars()
+    try:
+        if is_local_data(path):
+            kind = "parquet" if path.endswith(".parquet") else "json"
+            ds = datasets.load_dataset(kind, data_files=resolve(path), split="train")
+        else:
+            name, _, split = path.partition(":")
+            ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # no such dataset, hub unreachable, unreadable file: all stop here
+        raise ConfigError(f"{path}: cannot load with datasets ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    missing = [c for c in SCHEMA + (("response",) if need_response else ()) if c not in ds.column_names]
+    if missing:
+        raise ConfigError(f"{path}: missing column(s) {', '.join(missing)}; the Eurus-2-RL-Data schema needs "
+                          f"prompt (chat messages), ability and reward_model.ground_truth (has: {', '.join(ds.column_names)})")
+    rows = ds.to_list()
+    for i, r in enumerate(rows):
+        check_row(r, f"{path} row {i}", need_response)
+    if not rows:
+        raise ConfigError(f"{path}: no rows")
+    return rows
+
+
+# PRIME's RL system prompt (spec §10.1): the seven actions by name and the format of a step, as
+# in the Eurus-2-RL-Data prompts; and the task suffixes of its user turns.
+SYSTEM_PROMPT = ("\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them as "
+                 "needed to progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n"
+                 "[SIMPLIFY]\n\n[SYNTHESIZE]\n\n[PIVOT]\n\n[OUTPUT]\n\nYou should strictly follow the format below:"
+                 "\n\n[ACTION NAME]\n\n# Your action step 1\n\n# Your action step 2\n\n# Your action step 3\n\n"
+                 "...\n\nNext action: [NEXT ACTION NAME]\n\n")
+TASK_SUFFIX = {"math": "\n\nPresent the answer in LaTex format: \\boxed{Your answer}",
+               "code": "\n\nWrite Python code to solve the problem. Present the code in \n```python\nYour code\n```\nat the end."}
+
+
+def chat_messages(messages, ability=None):
+    """The messages a chat model sees: PRIME's system prompt unless the data brings its own, and
+    the task suffix on the last user turn unless it is already there (Eurus-2-RL-Data has both)."""
+    msgs = [dict(m) for m in messages]
+    if not any(m.get("role") == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+    suffix = TASK_SUFFIX.get(ability)
+    users = [m for m in msgs if m.get("role", "user") == "user"]
+    marker = "\\boxed" if ability == "math" else "```python"
+    if suffix and users and marker not in users[-1]["content"]:
+        users[-1]["content"] += suffix
+    return msgs
+
+
+def prompt_text(tok, messages, ability=None):
+    """The chat template when the tokenizer has one, with PRIME's system prompt and task suffix
+    (`chat_messages`). Without a template, the documented plain-text fallback: BOS + the user
+    turn(s) as they are (the tiny default: its prompt is just `<bos>47+8-3+9-6=`)."""
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok.apply_chat_template(chat_messages(messages, ability), add_generation_prompt=True, tokenize=False)
     return (tok.bos_token or "") + "\n".join(m["content"] for m in messages if m.get("role", "user") != "system")
 
 
-# ---------------------------------------------------------------------------------------------
-# Models: the tiny Qwen2 and its character tokenizer; the base with two LoRA adapters.
-# ---------------------------------------------------------------------------------------------
-CHARS = "0123456789+-*/=()[]{};:.,#<>!?%^_|&'\"$@~` \t\n\\abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def build_char_tokenizer():
-    """A character-level tokenizer made with `tokenizers`, wrapped for transformers."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + list(CHARS))}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char
-    t.decoder = decoders.Fuse()  # join pieces with nothing in between
-    t.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
-
-
-def load_tokenizer(path):
-    """Our character tokenizer reloads with PreTrainedTokenizerFast: AutoTokenizer would read the
-    folder's Qwen2 config and give a Qwen2Tokenizer that drops spaces and newlines."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(cfg_path) and json.load(open(cfg_path)).get("prime_mini_char_tokenizer"):
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def save_tokenizer(tok, path):
-    tok.save_pretrained(path)
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    d = json.load(open(cfg_path))
-    d["prime_mini_char_tokenizer"] = True
-    json.dump(d, open(cfg_path, "w"), indent=2)
-
-
-def build_tiny_model(cfg, tok):
-    """A tiny Qwen2ForCausalLM (the paper's base model's class) from a config, random weights."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    mc = Qwen2Config(vocab_size=len(tok), hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
-                     num_attention_heads=cfg.tiny_heads, num_key_value_heads=cfg.tiny_heads,
-                     intermediate_size=cfg.tiny_intermediate, max_position_embeddings=512,
-                     tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id, attention_dropout=0.0)
-    return Qwen2ForCausalLM(mc)
-
-
-def add_adapters(base, cfg):
-    """Wrap the frozen base with two zero-initialised LoRA adapters, `policy` and `prm`.
-
-    peft's LoRA initialises B = 0, so each adapter's update B·A is exactly 0 at the start:
-    π_θ = π_φ = π_ref. π_ref is the same module with adapters disabled: no second copy exists.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    def lora(r):
-        return LoraConfig(r=r, lora_alpha=int(cfg.lora_alpha_ratio * r), lora_dropout=0.0,
-                          target_modules=cfg.lora_targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base, lora(cfg.lora_r), adapter_name="policy")
-    model.add_adapter("prm", lora(cfg.prm_lora_r))
-    model.set_adapter("policy")
-    return model
-
-
-def adapter_params(model, name):
-    """The LoRA parameters of one adapter (by peft's naming: `...lora_A.<name>.weight`)."""
-    return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+def drop_long_prompts(rows, tok, max_len, name):
+    """Drop prompts longer than max_len tokens, as [O]'s dataset does (spec §8), and say how many."""
+    texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows]
+    lens = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    kept = [r for r, n in zip(rows, lens) if n <= max_len]
+    if len(kept) < len(rows):
+        print(f"{name}: dropped {len(rows) - len(kept)} of {len(rows)} prompts longer than --max-prompt-len {max_len} tokens")
+    if not kept:
+        raise ConfigError(f"--max-prompt-len: all {len(rows)} prompts of {name} are longer than {max_len} tokens")
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,14 +537,22 @@ def merged_copy(model):
 
 
 @torch.no_grad()
-def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy=False, merged=True):
-    """Sample responses with the KV cache. Returns response ids (B, T) and their mask (B, T).
+def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy=False, merged=True, batch_size=0):
+    """Sample responses with the KV cache, `batch_size` rows at a time (0 = all at once), so the
+    cache's size does not grow with the rollout. Returns response ids (B, T) and their mask (B, T).
     `merged`: sample from merged_copy(model), the same policy without LoRA's per-token overhead."""
-    out = (merged_copy(model) if merged else model).generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         do_sample=not greedy, temperature=temperature if not greedy else None,
-                         top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
-    resp = out[:, prompt_ids.shape[1]:]  # (B, T)
+    models.set_train_mode(model, False)  # no checkpointing while generating: it would drop the cache
+    sampler = merged_copy(model) if merged else model
+    resps = []
+    n = batch_size or prompt_ids.shape[0]
+    for i in range(0, prompt_ids.shape[0], n):
+        out = sampler.generate(input_ids=prompt_ids[i:i + n], attention_mask=prompt_mask[i:i + n],
+                               max_new_tokens=max_new_tokens, do_sample=not greedy,
+                               temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
+                               top_p=1.0 if not greedy else None, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id, use_cache=True)
+        resps.append(out[:, prompt_ids.shape[1]:])  # (n, T_i)
+    resp = pad_cat(resps, left=False, value=tok.pad_token_id)  # (B, T)
     return resp, response_mask(resp, tok.eos_token_id)
 
 
@@ -478,29 +562,47 @@ def decode_responses(tok, resp, mask):
     return tok.batch_decode(valid, skip_special_tokens=True)
 
 
-def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=64):
+def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=8192):
     """log π(y_t | x, y_<t) of each response token (B, T), at temperature 1 (spec §2.2).
 
-    Logits are computed only for the response positions (`logits_to_keep`), and log-softmax runs
-    over row chunks so that a large vocabulary never materialises (B, T, V) in fp32 at once.
+    Logits are computed only for the response positions. When the batch has more than `chunk`
+    response tokens, the output head runs on `chunk` tokens at a time and each chunk's fp32
+    logits are recomputed in the backward pass instead of stored, so (B, T, V) never exists: a
+    7B model's 152k-token vocabulary makes it gigabytes per sequence.
     """
+    models.set_train_mode(model, torch.is_grad_enabled())  # checkpointing, LoRA dropout: gradient forwards only
     ids = torch.cat([prompt_ids, resp], 1)  # (B, Tp+T)
     attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)  # (B, Tp+T)
     pos = (attn.cumsum(1) - 1).clamp_min(0)  # (B, Tp+T) positions that skip left padding
-    T = resp.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
-    logits = logits[:, :-1]  # (B, T, V) the position before each response token predicts it
+    B, T = resp.shape
+    parts = models.output_head(model) if B * T > chunk else None
+    if parts is None:  # small enough: the model's own head, in one piece
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
+        logits = logits[:, :-1]  # (B, T, V) the position before each response token predicts it
+        return torch.cat([head_logprobs(None, logits[i:i + 64], resp[i:i + 64]) for i in range(0, B, 64)]) * mask
+    decoder, head = parts
+    h = decoder(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state[:, -T - 1:-1]  # (B, T, H)
+    h, y = h.reshape(B * T, -1), resp.reshape(B * T)  # (B*T, H), (B*T,)
     out = []
-    for i in range(0, ids.shape[0], chunk):
-        lp = torch.log_softmax(logits[i:i + chunk].float(), -1)  # (b, T, V)
-        out.append(lp.gather(-1, resp[i:i + chunk].unsqueeze(-1)).squeeze(-1))  # (b, T)
-    return torch.cat(out) * mask  # (B, T)
+    for i in range(0, B * T, chunk):
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(head_logprobs, head, h[i:i + chunk], y[i:i + chunk],
+                                                         use_reentrant=False))  # (n,)
+        else:
+            out.append(head_logprobs(head, h[i:i + chunk], y[i:i + chunk]))  # (n,)
+    return torch.cat(out).view(B, T) * mask  # (B, T)
 
 
-def logprobs_nograd(model, batch, micro):
+def head_logprobs(head, h, y):
+    """log-softmax of the logits head(h) (or of h itself when head is None), in fp32, at the tokens y."""
+    logits = (h if head is None else head(h)).float()  # (..., V)
+    return torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (...)
+
+
+def logprobs_nograd(model, batch, micro, chunk=8192):
     """token_logprobs over micro-batches without gradients."""
     with torch.no_grad():
-        return torch.cat([token_logprobs(model, *batch.slice(i, i + micro)) for i in range(0, batch.B, micro)])
+        return torch.cat([token_logprobs(model, *batch.slice(i, i + micro), chunk=chunk) for i in range(0, batch.B, micro)])
 
 
 @dataclass
@@ -620,17 +722,6 @@ def sft_warmup(cfg, device):
     return path
 
 
-def load_base(path, device):
-    from transformers import AutoModelForCausalLM
-    tok = load_tokenizer(path)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # bf16 on this CPU is ~14x slower
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    base.eval()  # no dropout: logp_old must equal logp at the first policy step
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return base, tok
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation: held-out accuracy, sampled at temperature 1 and greedy.
 # ---------------------------------------------------------------------------------------------
@@ -643,13 +734,14 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc):
     rng_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     torch.manual_seed(cfg.eval_seed)
-    texts = [prompt_text(tok, r["prompt"]) for r in rows]
+    texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows]
     scores = []
     bs = max(1, 512 // n)
     for i in tqdm(range(0, len(rows), bs), desc=desc, disable=not cfg.show_progress, leave=False):
         chunk = [t for t in texts[i:i + bs] for _ in range(n)]
         ids, am = encode_prompts(tok, chunk, device)
-        resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy, merged=cfg.merged_rollout)
+        resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy, merged=cfg.merged_rollout,
+                              batch_size=cfg.gen_batch)
         outs = decode_responses(tok, resp, mask)
         s, _ = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers)
         scores.append(s)
@@ -701,10 +793,11 @@ def collect(model, tok, cfg, train_rows, stream, buffer, device):
         n = cfg.P if not kept else min(cfg.P, math.ceil(1.25 * (cfg.P - len(kept)) * (n_gen // K) / len(kept)))
         idx = [buffer.pop(0) if buffer else stream.next() for _ in range(n)]
         rows = [train_rows[i] for i in idx]
-        texts = [prompt_text(tok, r["prompt"]) for r in rows for _ in range(K)]  # K consecutive copies
+        texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows for _ in range(K)]  # K consecutive copies
         p_ids, p_mask = encode_prompts(tok, texts, device)
         t = time.time()
-        resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, merged=cfg.merged_rollout)
+        resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, merged=cfg.merged_rollout,
+                              batch_size=cfg.gen_batch)
         t_gen += time.time() - t
         t = time.time()
         outs = decode_responses(tok, resp, mask)
@@ -753,7 +846,7 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm):
         for i in range(m0, m0 + mb, micro):
             j = min(i + micro, m0 + mb)
             with torch.set_grad_enabled(cfg.prm_update != "none"):
-                logp_phi = token_logprobs(model, *batch.slice(i, j))  # (b, T)
+                logp_phi = token_logprobs(model, *batch.slice(i, j), chunk=cfg.logprob_chunk)  # (b, T)
                 q = prm.implicit_rewards(logp_phi, logp_ref[i:j], batch.mask[i:j])  # (b, T)
                 loss = prm.ce_loss(q, batch.r_o[i:j], batch.mask[i:j], cfg.beta)
             if cfg.prm_update != "none":
@@ -766,7 +859,7 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm):
     q = torch.cat(qs)  # (B, T)
     stats = {"prm_loss": sum(losses), "prm_acc_fresh": prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)}
     if cfg.prm_update != "none":
-        logp_phi = logprobs_nograd(model, batch, micro)  # (B, T) the updated PRM
+        logp_phi = logprobs_nograd(model, batch, micro, cfg.logprob_chunk)  # (B, T) the updated PRM
         q_after = prm.implicit_rewards(logp_phi, logp_ref, batch.mask)  # (B, T)
         stats["prm_acc_after"] = prm.pairwise_accuracy(q_after, batch.r_o, batch.mask, K)
         if cfg.prm_update == "double":
@@ -815,7 +908,8 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
         opt_policy.zero_grad(set_to_none=True)
         for i in range(0, mb, micro):
             sub = idx[i:i + micro]
-            logp = token_logprobs(model, batch.prompt_ids[sub], batch.prompt_mask[sub], batch.resp[sub], batch.mask[sub])
+            logp = token_logprobs(model, batch.prompt_ids[sub], batch.prompt_mask[sub], batch.resp[sub], batch.mask[sub],
+                                  chunk=cfg.logprob_chunk)
             old = logp.detach() if logp_old is None else logp_old[sub]
             loss, st = rl.ppo_clip_loss(logp, old, A[sub], batch.mask[sub], cfg.eps_clip, cfg.loss_agg)
             w = len(sub) / mb if cfg.loss_agg == "seq-mean-token-mean" else (batch.mask[sub].sum() / n_tok).item()
@@ -888,7 +982,7 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
     rng_state = torch.get_rng_state()
     torch.manual_seed(cfg.eval_seed)
     cand = rows[: 4 * n_prompts]
-    texts = [prompt_text(tok, r["prompt"]) for r in cand for _ in range(cfg.K)]
+    texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in cand for _ in range(cfg.K)]
     p_ids, p_mask = encode_prompts(tok, texts, device)
     model.set_adapter("policy")
     resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, merged=cfg.merged_rollout)
@@ -896,9 +990,9 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
     r_o, _ = verify_batch(cand, decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers)
     batch = Rollout(p_ids, p_mask, resp, mask, r_o, cand)
     model.set_adapter("prm")
-    logp_phi = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+    logp_phi = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
     with model.disable_adapter():
-        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
     model.set_adapter("policy")
     r = cfg.beta * prm.implicit_rewards(logp_phi, logp_ref, mask)  # (B, T) β·q_t
     groups = []
@@ -939,7 +1033,7 @@ def show_rewards_main(argv):
             raise ConfigError(f"{args.run_dir}: no adapters/ folder and no checkpoint")
         folder = os.path.join(ckpt, "adapters")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base, tok = load_base(saved["base_path"], device)
+    base, tok = load_base(saved["base_path"], device, cfg)
     model = add_adapters(base, cfg)
     load_adapters(model, folder)
     rows = load_rows(cfg.test_data)
@@ -1063,7 +1157,8 @@ def run(cfg):
     rng = torch.get_rng_state()  # SFT seeds its own RNG: a cold run must draw what a cached one does
     base_path = cfg.model if cfg.model else sft_warmup(cfg, device)
     torch.set_rng_state(rng)
-    base, tok = load_base(base_path, device)
+    base, tok = load_base(base_path, device, cfg)
+    train_rows = drop_long_prompts(train_rows, tok, cfg.max_prompt_len, cfg.data)
     model = add_adapters(base, cfg)
     opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
     opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # spec §3.3
@@ -1118,7 +1213,7 @@ def run(cfg):
             t = time.time()
             logp_old = None
             if cfg.policy_minibatches > 1 or (use_prm and cfg.ref_type == "policy"):
-                logp_old = logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+                logp_old = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
             m["t_policy"] = time.time() - t
 
             # 4-5. Implicit process rewards and the PRM's cross-entropy update.
@@ -1127,7 +1222,7 @@ def run(cfg):
                 t = time.time()
                 if cfg.ref_type == "freeze":
                     with model.disable_adapter():  # π_ref: the same base, adapters off
-                        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch)
+                        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)
                 else:
                     logp_ref = logp_old
                 q, st = prm_step(model, batch, logp_ref, cfg, opt_prm)
@@ -1366,7 +1461,11 @@ def main(argv=None):
         elif argv and argv[0] == "show-rewards":
             show_rewards_main(argv[1:])
         else:
-            run(parse_config(argv))
+            cfg = parse_config(argv)
+            if cfg.plan_memory:
+                print_memory_plan(cfg)
+                return
+            run(cfg)
     except ConfigError as e:  # a bad flag or a malformed data row, found before any model is built
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

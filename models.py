@@ -1,0 +1,340 @@
+"""Models for prime-mini: the frozen base (full precision or 4-bit), its two LoRA adapters, and a
+planner that estimates the peak GPU memory of a run before any weight is loaded.
+
+One frozen base carries two LoRA adapters, `policy` (π_θ) and `prm` (π_φ); the base with
+adapters disabled is the reference π_ref (spec §14). For a 7B model on one GPU the base is
+quantized to 4-bit NF4 with bitsandbytes (QLoRA: Dettmers et al., 2023, arXiv 2305.14314):
+
+    quantized base   NF4 weights in every decoder linear layer, double-quantized block scales;
+                     embeddings, norms and the output head stay in floating point
+    adapters         LoRA on every linear projection, kept in fp32 (peft's default), trained
+    compute          bf16 on a GPU; fp32 on the CPU, where bf16 matmuls are ~14x slower
+    activations      gradient checkpointing: each decoder layer is recomputed in the backward
+
+`plan_memory` counts parameters by instantiating the architecture on the meta device (shapes
+only, no memory) from its config.json, or from the configs below embedded for the presets, so
+it works offline. Run:  python prime_mini.py --preset qwen2.5-math-7b --plan-memory
+"""
+import importlib.util
+import json
+import os
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work. The message starts with the flag (or file) at fault."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny default: a character tokenizer and a small Qwen2 trained from scratch by the SFT warm-up.
+# ---------------------------------------------------------------------------------------------
+CHARS = "0123456789+-*/=()[]{};:.,#<>!?%^_|&'\"$@~` \t\n\\abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def build_char_tokenizer():
+    """A character-level tokenizer made with `tokenizers`, wrapped for transformers."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + list(CHARS))}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one piece per char
+    t.decoder = decoders.Fuse()  # join pieces with nothing in between
+    t.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def build_chat_tokenizer(corpus, vocab_size=400):
+    """A small byte-level BPE tokenizer (the kind Qwen uses) trained on `corpus`, with ChatML
+    special tokens and template: a stand-in for a hub tokenizer in offline tests and scripts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()  # bytes back to text: spaces and newlines survive
+    t.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def load_tokenizer(path):
+    """Our character tokenizer reloads with PreTrainedTokenizerFast: AutoTokenizer would read the
+    folder's Qwen2 config and give a Qwen2Tokenizer that drops spaces and newlines."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(cfg_path) and json.load(open(cfg_path)).get("prime_mini_char_tokenizer"):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_tokenizer(tok, path):
+    tok.save_pretrained(path)
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    d = json.load(open(cfg_path))
+    d["prime_mini_char_tokenizer"] = True
+    json.dump(d, open(cfg_path, "w"), indent=2)
+
+
+def build_tiny_model(cfg, tok):
+    """A tiny Qwen2ForCausalLM (the paper's base model's class) from a config, random weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    mc = Qwen2Config(vocab_size=len(tok), hidden_size=cfg.tiny_hidden, num_hidden_layers=cfg.tiny_layers,
+                     num_attention_heads=cfg.tiny_heads, num_key_value_heads=cfg.tiny_heads,
+                     intermediate_size=cfg.tiny_intermediate, max_position_embeddings=512,
+                     tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id, attention_dropout=0.0)
+    return Qwen2ForCausalLM(mc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models: where the weights come from, 4-bit loading, the two adapters.
+# ---------------------------------------------------------------------------------------------
+# Architectures of the presets' models, so that the planner works offline. Values from the
+# models' config.json on the Hugging Face hub, cross-checked against several public copies
+# (Qwen2.5-0.5B: hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied embeddings;
+# Qwen2.5-Math-7B: hidden 3584, 28 layers, 28/4 heads, MLP 18944, vocab 152064, untied, a
+# 4096-token context). Eurus-2-7B-SFT, PRIME's SFT model, is a fine-tune of Qwen2.5-Math-7B.
+QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
+                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
+QWEN25_MATH_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                      intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
+                      max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6)
+KNOWN_ARCHS = {"Qwen/Qwen2.5-0.5B": QWEN25_05B, "Qwen/Qwen2.5-0.5B-Instruct": QWEN25_05B,
+               "Qwen/Qwen2.5-Math-7B": QWEN25_MATH_7B, "PRIME-RL/Eurus-2-7B-SFT": QWEN25_MATH_7B}
+
+
+def check_model_source(name):
+    """Fail early on a --model that cannot be a local model folder or a hub name."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise ConfigError(f"--model: {name} is a folder without a config.json (not a saved causal LM)")
+        return
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.sep + os.sep in name
+    if looks_like_path:
+        raise ConfigError(f"--model: {name} is not a local folder, nor a hub name of the form owner/model")
+
+
+def bitsandbytes_available():
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def model_config(name):
+    """The transformers config of --model: from its folder, the embedded table, or the hub."""
+    from transformers import AutoConfig, Qwen2Config
+    if not os.path.isdir(name) and name in KNOWN_ARCHS:
+        return Qwen2Config(**KNOWN_ARCHS[name])
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as e:  # no such repository, or the hub is unreachable
+        raise ConfigError(f"--model: cannot read the config of {name} ({str(e).splitlines()[0]})") from None
+
+
+def load_base(path, device, cfg):
+    """The frozen base and its tokenizer: fp32 on the CPU, bf16 on a GPU, or 4-bit NF4.
+
+    4-bit (QLoRA): NF4 weights with double quantization, matmuls in bf16 (fp32 on the CPU); peft's
+    prepare_model_for_kbit_training freezes the base, casts the remaining floating-point weights
+    (embeddings, norms, output head) to fp32 for stable training, and turns on gradient
+    checkpointing.
+    """
+    from transformers import AutoModelForCausalLM
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # bf16 on this CPU is ~14x slower
+    kwargs = {"dtype": dtype}
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": device if device == "cpu" else 0}  # bitsandbytes quantizes while it places
+    try:
+        tok = load_tokenizer(path)
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"--model: cannot load {path} ({str(e).splitlines()[0]})") from None
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+        # bitsandbytes' CPU kernels repack a weight for inference at the first no-grad forward in
+        # eval mode (on CPUs with AVX512-BF16); the repacked weight has no backward, and our frozen
+        # base is always in eval mode and generates before it trains. Keep the trainable layout.
+        for m in base.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+    else:
+        base = base.to(device)
+        if cfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.eval()  # no dropout: logp_old must equal logp at the first policy step
+    for p in base.parameters():
+        p.requires_grad_(False)
+    n = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in base.parameters())
+    print(f"base: {path} ({n / 1e6:.1f}M parameters, "
+          f"{'4-bit NF4' if cfg.load_in_4bit else str(dtype).replace('torch.', '')} on {device}, "
+          f"gradient checkpointing {'on' if checkpointing(base) else 'off'})")
+    return base, tok
+
+
+def add_adapters(base, cfg):
+    """Wrap the frozen base with two zero-initialised LoRA adapters, `policy` and `prm`.
+
+    peft's LoRA initialises B = 0, so each adapter's update B·A is exactly 0 at the start:
+    π_θ = π_φ = π_ref. π_ref is the same module with adapters disabled: no second copy exists.
+    peft keeps adapter weights in fp32 even on a bf16 or 4-bit base (as QLoRA recommends).
+    """
+    from peft import LoraConfig, get_peft_model
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+
+    def lora(r):
+        return LoraConfig(r=r, lora_alpha=int(cfg.lora_alpha_ratio * r), lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora(cfg.lora_r), adapter_name="policy")
+    model.add_adapter("prm", lora(cfg.prm_lora_r))
+    model.set_adapter("policy")
+    return model
+
+
+def adapter_params(model, name):
+    """The LoRA parameters of one adapter (by peft's naming: `...lora_A.<name>.weight`)."""
+    return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]
+
+
+def set_train_mode(model, on):
+    """Switch on only what a gradient forward needs: gradient checkpointing and LoRA dropout.
+
+    The base stays in eval mode otherwise (its own dropout off), so that log-probs under
+    gradient equal the no-grad ones. transformers checkpoints a decoder layer only while that
+    layer is in training mode, and generation must not run with it (it drops the KV cache), so
+    the flag is set on the layers themselves, not recursively, before every forward.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    for name, m in model.named_modules():
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+            m.training = on
+        elif ".lora_dropout." in name and isinstance(m, torch.nn.Dropout):
+            m.training = on
+
+
+def checkpointing(model):
+    """Whether gradient checkpointing is enabled on the model's decoder layers."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def output_head(model):
+    """(decoder, lm_head) of a causal LM, inside a peft wrapper if any; None where the model's
+    logits are not simply lm_head(hidden) (soft-capping or scaling)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    c = inner.config
+    if getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", None):
+        return None
+    decoder, head = getattr(inner, inner.base_model_prefix, None), inner.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory planner: estimated peak GPU memory of a run, by component.
+# ---------------------------------------------------------------------------------------------
+GB = 1024 ** 3
+
+
+def count_params(mc, lora_targets="all-linear"):
+    """Parameter counts from the architecture built on the meta device (shapes, no memory).
+
+    Returns (n_quantizable, n_other, lora_dims, n_layers): decoder linear weights (what
+    bitsandbytes turns into 4-bit), every other weight (embeddings, output head, norms, biases),
+    the (in + out) width of each LoRA target (LoRA of rank r adds r·(in+out) parameters), layers.
+    """
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(mc)
+    head = m.get_output_embeddings()
+    wanted = None if lora_targets == "all-linear" else set(lora_targets.split(","))
+    n_quant, lora_dims, seen = 0, [], set()
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod is not head:
+            n_quant += mod.weight.numel()
+            seen.add(id(mod.weight))
+            if wanted is None or name.split(".")[-1] in wanted:
+                lora_dims.append(mod.in_features + mod.out_features)
+    n_other = sum(p.numel() for p in m.parameters() if id(p) not in seen)  # tied weights counted once
+    return n_quant, n_other, lora_dims, mc.num_hidden_layers
+
+
+def plan_memory(mc, cfg, device="cuda"):
+    """Estimated peak memory (bytes) by component for architecture `mc` under run config `cfg`.
+
+    Peak = what lives all run (weights, adapters, their gradients and AdamW states)
+         + the larger of the two phases that never overlap: generation (KV cache and the prefill's
+           transients) and training (checkpointed activations of one micro-batch, the recomputed
+           layer, the log-prob chunk). On the CPU everything computes in fp32.
+    """
+    n_quant, n_other, lora_dims, L = count_params(mc, cfg.lora_targets)
+    # Bytes per activation value: bf16 on a GPU, fp32 on the CPU. With 4-bit, the base's fp32
+    # embeddings make the residual stream fp32, and bitsandbytes returns its input's dtype.
+    act = 2 if device == "cuda" and not cfg.load_in_4bit else 4
+    H, I, V = mc.hidden_size, mc.intermediate_size, mc.vocab_size
+    kv_dim = getattr(mc, "head_dim", None) or H // mc.num_attention_heads
+    kv_dim *= mc.num_key_value_heads
+    ckpt = cfg.load_in_4bit or cfg.gradient_checkpointing
+    S_prompt, T = cfg.max_prompt_len, cfg.max_new_tokens
+    S = S_prompt + T  # longest prompt + response
+    B = cfg.P * cfg.K
+    gen_b = min(cfg.gen_batch or B, B)
+    micro = min(cfg.micro_batch, B)
+    rows = {}
+    if cfg.load_in_4bit:
+        # NF4: 4 bits a weight + double-quantized scales (one 8-bit absmax per 64 weights, one fp32
+        # per 256 of those); prepare_model_for_kbit_training casts the rest to fp32.
+        rows["base weights (4-bit NF4)"] = n_quant * (0.5 + 1 / 64 + 4 / (64 * 256))
+        rows["embeddings, head, norms (fp32)"] = n_other * 4
+    else:
+        rows["base weights"] = (n_quant + n_other) * act
+    n_lora = {name: r * sum(lora_dims) for name, r in (("policy", cfg.lora_r), ("prm", cfg.prm_lora_r))}
+    rows["LoRA weights (2 adapters, fp32)"] = sum(n_lora.values()) * 4
+    rows["LoRA grads + AdamW states (fp32)"] = sum(n_lora.values()) * 4 * 3
+    # Generation: keys and values of every layer for the generation batch at full length, and the
+    # prefill's widest transient (the MLP's gate, up and product for the whole prompt batch).
+    gen = {"KV cache (generation batch)": gen_b * S * L * 2 * kv_dim * act,
+           "prefill transients": gen_b * S_prompt * (3 * I + 4 * H) * act + gen_b * V * 4}
+    # Training, one micro-batch of `micro` sequences of length S: the input of every layer is kept
+    # (checkpoint boundaries; without checkpointing, every layer's activations are), the layer being
+    # recomputed holds its activations (≈ 10 H + 4 I values a token, LoRA inputs included), and the
+    # output head works on `logprob_chunk` tokens at a time: fp32 logits, their exp and the gradient.
+    per_layer = micro * S * (10 * H + 4 * I) * act
+    train = {"activations (checkpointed layer inputs)" if ckpt else "activations (all layers)":
+             micro * S * H * act * L if ckpt else per_layer * L,
+             "recomputed layer" if ckpt else "backward transients": per_layer,
+             "log-prob chunk (fp32 logits)": min(cfg.logprob_chunk, micro * T) * V * 4 * 3}
+    static = sum(rows.values())
+    phase = "generation" if sum(gen.values()) > sum(train.values()) else "training"
+    rows.update({f"[gen] {k}": v for k, v in gen.items()})
+    rows.update({f"[train] {k}": v for k, v in train.items()})
+    total = static + max(sum(gen.values()), sum(train.values()))
+    info = {"params_total": n_quant + n_other, "params_lora": n_lora, "peak_phase": phase, "device": device}
+    return rows, total, info
+
+
+def format_plan(rows, total, info, budget_gb, title):
+    """The planner's table: one line a component, then the peak and whether it fits."""
+    lines = [title, f"  parameters: {info['params_total'] / 1e9:.2f}B base; LoRA policy "
+             f"{info['params_lora']['policy'] / 1e6:.1f}M, prm {info['params_lora']['prm'] / 1e6:.1f}M"]
+    for k, v in rows.items():
+        lines.append(f"  {k:<50} {v / GB:7.2f} GB")
+    lines.append(f"  {'estimated peak (' + info['peak_phase'] + ' phase)':<50} {total / GB:7.2f} GB")
+    verdict = "fits" if fits(total, budget_gb) else "does NOT fit"
+    lines.append(f"  {verdict} in --gpu-memory-gb {budget_gb:g} (keeping 10% for the CUDA context and fragmentation)")
+    return "\n".join(lines)
+
+
+def fits(total, budget_gb):
+    return total <= 0.9 * budget_gb * GB
