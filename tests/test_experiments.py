@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import experiments as ex
 import prime_mini as pm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,37 +101,37 @@ def test_compare_table_steps_to_target_and_ratios_by_hand():
     # mean is 0.95 at s = 10 and 1.0 at s = 11. Efficiency 20/11; time ratio 1.3/1.0.
     results = {"prime": [_fake([min(1, s / 10) for s in range(1, 21)], 1.3)],
                "outcome": [_fake([s / 20 for s in range(1, 21)], 1.0)]}
-    table, target = pm.compare_table(results, "outcome", window=2)
+    table, target = ex.compare_table(results, "outcome", window=2)
     assert target == pytest.approx(0.975)
     assert table["outcome"]["steps_to_target"] == 20 and table["prime"]["steps_to_target"] == 11
     assert table["prime"]["efficiency"] == pytest.approx(20 / 11) and table["outcome"]["efficiency"] == 1.0
     assert table["prime"]["t_ratio"] == pytest.approx(1.3)
-    md = pm.compare_markdown(table, "outcome", target, 2)
+    md = ex.compare_markdown(table, "outcome", target, 2)
     assert "| prime | 1 | 1.000 ± 0.000 |" in md and "| 11 | 1.82x |" in md
 
 
 def test_compare_table_means_over_seeds_and_reports_not_reached():
     results = {"outcome": [_fake([0.5] * 4, 1.0, acc_after=0.6), _fake([0.7] * 4, 1.0, acc_after=0.7)],
                "prime": [_fake([0.1] * 4, 2.0), _fake([0.2] * 4, 2.0)]}
-    table, target = pm.compare_table(results, "outcome", window=2)
+    table, target = ex.compare_table(results, "outcome", window=2)
     assert target == pytest.approx(0.6)
     assert table["outcome"]["acc_after"][0] == pytest.approx(0.65)
     assert table["prime"]["steps_to_target"] is None and table["prime"]["efficiency"] is None
-    assert "not reached" in pm.compare_markdown(table, "outcome", target, 2)
+    assert "not reached" in ex.compare_markdown(table, "outcome", target, 2)
 
 
 def test_arm_flags_named_and_custom_arms():
-    assert pm.arm_flags("outcome") == ("outcome", ["--reward-mode", "outcome"])
-    assert pm.arm_flags("coef1:process-coef=1.0:faithful") == ("coef1", ["--process-coef", "1.0", "--faithful"])
+    assert ex.arm_flags("outcome") == ("outcome", ["--reward-mode", "outcome"])
+    assert ex.arm_flags("coef1:process-coef=1.0:faithful") == ("coef1", ["--process-coef", "1.0", "--faithful"])
     with pytest.raises(pm.ConfigError, match="unknown arm 'nope'"):
-        pm.arm_flags("nope")
+        ex.arm_flags("nope")
 
 
 def test_reward_page_colours_by_sign_and_shows_the_sum():
     groups = [{"prompt": "<bos>1+2=", "answer": "3", "responses": [
         {"tokens": ["3", "&", "<eos>"], "r": [0.2, -0.1, 0.0], "r_o": 1.0},
         {"tokens": ["4"], "r": [-0.3], "r_o": 0.0}]}]
-    page = pm.reward_page_html(groups, 0.05, "t")
+    page = ex.reward_page_html(groups, 0.05, "t")
     spans = re.findall(r'<span class="t" style="background:rgba\(([\d,]+),([\d.]+)\)" title="([^"]+)">([^<]*)</span>', page)
     assert [(s[3], float(s[2])) for s in spans] == [("3", 0.2), ("&amp;", -0.1), ("&lt;eos&gt;", 0.0), ("4", -0.3)]
     assert spans[0][0] == "0,150,60" and spans[1][0] == "215,40,40", "green credits, red blames"
@@ -148,7 +149,7 @@ def test_run_writes_a_reward_page_and_show_rewards_rebuilds_it(tmp_path):
         values = [float(v) for v in re.findall(r'title="([^"]+)"', resp)]
         assert values and sum(values) == pytest.approx(float(total), abs=1e-3), "Σ is the sum of the token rewards"
     out = tmp_path / "again.html"
-    pm.show_rewards_main([str(runs / "r"), "--prompts", "1", "--out", str(out)])
+    ex.show_rewards_main([str(runs / "r"), "--prompts", "1", "--out", str(out)])
     assert out.read_text().count('class="resp"') == 2
 
 

@@ -1,0 +1,303 @@
+"""Experiments on top of the loop: `compare` (arms x seeds, one plot and one table: the paper's
+Figure 3 for a task) and the token-reward page (`show-rewards`: each token of sampled responses
+coloured by its implicit process reward β·q_t).
+
+Run through prime_mini.py:
+    python prime_mini.py compare --arms prime,outcome --seeds 3
+    python prime_mini.py show-rewards RUN_DIR
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+
+import prime_mini as pm
+import prm
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeing the process rewards: an HTML page of sampled responses, each token coloured by β·q_t.
+# ---------------------------------------------------------------------------------------------
+def reward_page_html(groups, beta, title):
+    """A self-contained HTML page. `groups`: [{"prompt", "answer", "responses": [{"tokens": [str],
+    "r": [float] (β·q_t per token), "r_o": float}]}]. Green: the PRM credits a token; red: blames it."""
+    import html
+    vals = [abs(v) for g in groups for resp in g["responses"] for v in resp["r"]]
+    scale = sorted(vals)[math.ceil(0.98 * (len(vals) - 1))] if vals else 1.0  # robust to a few outliers
+    scale = scale or 1.0
+
+    def span(tok, v):
+        a = min(1.0, abs(v) / scale)
+        rgb = "0,150,60" if v >= 0 else "215,40,40"
+        shown = html.escape(tok).replace("\n", "↵\n")
+        return f'<span class="t" style="background:rgba({rgb},{a:.2f})" title="{v:+.4f}">{shown}</span>'
+
+    parts = [f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;color:#222}}
+.g{{border-top:1px solid #ccc;padding:.4em 0}} .p{{font-family:monospace;color:#555}}
+.r{{display:flex;gap:1em;align-items:baseline;margin:.3em 0}}
+.meta{{min-width:11em;font-size:90%}} .ok{{color:#080}} .bad{{color:#c00}}
+.resp{{font-family:monospace;white-space:pre-wrap;line-height:1.6}} .t{{border-radius:2px;padding:0 1px}}</style>
+</head><body><h2>{html.escape(title)}</h2>
+<p>Each response token is coloured by its implicit process reward <b>β·q<sub>t</sub> = β·log
+π<sub>φ</sub>(y<sub>t</sub>)/π<sub>ref</sub>(y<sub>t</sub>)</b> (β = {beta}): <span style="background:rgba(0,150,60,.8)">
+green</span> where the PRM credits the token, <span style="background:rgba(215,40,40,.8)">red</span> where it blames
+it; full colour at |β·q<sub>t</sub>| ≥ {scale:.3g}. Hover a token for its value. r<sub>o</sub> is the verifier's outcome;
+Σ = β·Σ<sub>t</sub>q<sub>t</sub> is the PRM's sequence reward (its logit that the response is correct).</p>"""]
+    for g in groups:
+        parts.append(f'<div class="g"><div class="p">prompt: {html.escape(g["prompt"])} &nbsp; '
+                     f'(answer {html.escape(str(g["answer"]))})</div>')
+        for resp in g["responses"]:
+            cls, mark = ("ok", "✓") if resp["r_o"] >= 1 else ("bad", "✗")
+            parts.append(f'<div class="r"><div class="meta"><span class="{cls}">{mark} r<sub>o</sub> = '
+                         f'{resp["r_o"]:g}</span> &nbsp; Σ = <span class="sum">{sum(resp["r"]):+.3f}</span></div>'
+                         f'<div class="resp">{"".join(span(t, v) for t, v in zip(resp["tokens"], resp["r"]))}</div></div>')
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=None):
+    """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
+    against π_ref, and write the page; prompts whose samples are both right and wrong come first."""
+    n_prompts = n_prompts or cfg.reward_pages
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(cfg.eval_seed)
+    cand = rows[: 4 * n_prompts]
+    texts = [pm.prompt_text(tok, r["prompt"], r.get("ability")) for r in cand for _ in range(cfg.K)]
+    p_ids, p_mask = pm.encode_prompts(tok, texts, device)
+    model.set_adapter("policy")
+    resp, mask = pm.generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, merged=cfg.merged_rollout,
+                             batch_size=cfg.gen_batch)
+    torch.set_rng_state(rng_state)
+    r_o, _ = pm.verify_batch(cand, pm.decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers)
+    batch = pm.Rollout(p_ids, p_mask, resp, mask, r_o, cand)
+    model.set_adapter("prm")
+    logp_phi = pm.logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
+    with model.disable_adapter():
+        logp_ref = pm.logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
+    model.set_adapter("policy")
+    r = cfg.beta * prm.implicit_rewards(logp_phi, logp_ref, mask)  # (B, T) β·q_t
+    groups = []
+    for g, row in enumerate(cand):
+        sl = range(g * cfg.K, (g + 1) * cfg.K)
+        responses = []
+        for i in sl:
+            n = int(mask[i].sum())
+            responses.append({"tokens": [tok.decode([t]) for t in resp[i, :n].tolist()],
+                              "r": r[i, :n].tolist(), "r_o": r_o[i].item()})
+        mixed = len({x["r_o"] for x in responses}) > 1
+        groups.append((not mixed, g, {"prompt": texts[g * cfg.K], "answer": row["reward_model"]["ground_truth"],
+                                      "responses": responses}))
+    groups = [x[2] for x in sorted(groups, key=lambda x: x[:2])[:n_prompts]]
+    with open(path, "w") as f:
+        f.write(reward_page_html(groups, cfg.beta, f"Implicit process rewards: {run_dir}"))
+    print(f"token-reward page: {path}")
+    return path
+
+
+def show_rewards_main(argv):
+    """`python prime_mini.py show-rewards RUN_DIR`: the token-reward page of a saved run."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="prime_mini.py show-rewards", description=show_rewards_main.__doc__)
+    ap.add_argument("run_dir", help="a run directory (with config.json and adapters/ or a checkpoint)")
+    ap.add_argument("--prompts", type=int, default=6, help="held-out prompts on the page (K responses each)")
+    ap.add_argument("--out", default="", help="output file (default: RUN_DIR/rewards.html)")
+    args = ap.parse_args(argv)
+    path = os.path.join(args.run_dir, "config.json")
+    if not os.path.exists(path):
+        raise pm.ConfigError(f"{path} not found: not a run directory")
+    saved = json.load(open(path))
+    cfg = pm.Config(**{f.name: saved[f.name] for f in dataclasses.fields(pm.Config) if f.name in saved})
+    folder = os.path.join(args.run_dir, "adapters")
+    if not os.path.isdir(folder):
+        ckpt = pm.latest_checkpoint(args.run_dir)
+        if ckpt is None:
+            raise pm.ConfigError(f"{args.run_dir}: no adapters/ folder and no checkpoint")
+        folder = os.path.join(ckpt, "adapters")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, tok = pm.load_base(saved["base_path"], device, cfg)
+    model = pm.add_adapters(base, cfg)
+    pm.load_adapters(model, folder)
+    rows = pm.load_rows(cfg.test_data)
+    return write_reward_page(model, tok, rows, cfg, device, args.out or os.path.join(args.run_dir, "rewards.html"),
+                             args.run_dir, n_prompts=args.prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: arms x seeds on the same task, one folder with a plot and a table (paper Figure 3).
+# ---------------------------------------------------------------------------------------------
+ARMS = {  # named arms; any other arm is written NAME:flag=value:flag=value (e.g. coef1:process-coef=1)
+    "prime": [],
+    "outcome": ["--reward-mode", "outcome"],
+    "faithful": ["--faithful"],
+    "prm-frozen": ["--prm-update", "none"],
+    "grpo": ["--adv-estimator", "grpo"],
+    "reinforce": ["--adv-estimator", "reinforce"],
+}
+
+
+def arm_flags(arm):
+    """(name, flags) of an arm: a name in ARMS or `name:flag=value:flag` (a bare flag is a switch)."""
+    name, *pairs = arm.split(":")
+    if not pairs:
+        if name not in ARMS:
+            raise pm.ConfigError(f"--arms: unknown arm {name!r}; use one of {', '.join(ARMS)} or NAME:flag=value")
+        return name, list(ARMS[name])
+    flags = []
+    for pair in pairs:
+        k, _, v = pair.partition("=")
+        flags += ["--" + k.lstrip("-")] + ([v] if v else [])
+    return name, flags
+
+
+def compare_table(results, ref, window=10):
+    """Per arm, from each seed's metrics and summary: final training reward (mean sampled accuracy,
+    before filtering, of the last `window` steps), the first step at which the arm's seed-mean
+    curve (trailing mean over `window` steps) reaches the `ref` arm's final reward, the ratio of
+    those step counts (sample efficiency, paper: PRIME reaches it in 40% of the steps), median
+    seconds per step and its ratio to `ref`, held-out accuracy before/after, and the PRM's
+    pairwise ranking accuracy on fresh batches. `results`: {arm: [{"metrics": [...], "summary": {...}}]}."""
+    import statistics as stats_
+
+    def mean_sd(xs):
+        return (stats_.mean(xs), stats_.stdev(xs) if len(xs) > 1 else 0.0)
+    table = {}
+    for arm, seeds in results.items():
+        curves = [[m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])] for r in seeds]
+        n = min(map(len, curves))
+        mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(n)]  # (steps,)
+        smooth = [sum(mean_curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(n)]
+        t_steps = [m["t_step"] for r in seeds for m in r["metrics"] if "t_step" in m]
+        prm_acc = [m["prm_acc_fresh"] for r in seeds for m in r["metrics"] if m.get("process_on") and "prm_acc_fresh" in m]
+        table[arm] = {"seeds": len(seeds), "final_reward": mean_sd([sum(c[n - window:n]) / window for c in curves]),
+                      "curve": mean_curve, "smooth": smooth, "t_step": stats_.median(t_steps) if t_steps else float("nan"),
+                      "prm_acc_fresh": stats_.mean(prm_acc) if prm_acc else None,
+                      **{k: mean_sd([r["summary"][k] for r in seeds]) for k in
+                         ("acc_before", "acc_after", "greedy_before", "greedy_after")}}
+    target = table[ref]["final_reward"][0]
+    for arm, row in table.items():
+        hit = next((i + 1 for i, v in enumerate(row["smooth"]) if v >= target), None)
+        row["steps_to_target"] = hit
+        row["t_ratio"] = row["t_step"] / table[ref]["t_step"]
+    for arm, row in table.items():
+        ref_hit = table[ref]["steps_to_target"]
+        row["efficiency"] = ref_hit / row["steps_to_target"] if (ref_hit and row["steps_to_target"]) else None
+    return table, target
+
+
+def compare_markdown(table, ref, target, window):
+    def pm_(x):
+        return f"{x[0]:.3f} ± {x[1]:.3f}"
+    lines = [f"| arm | seeds | training reward, last {window} steps | held-out sampled: before → after (Δ) | "
+             f"held-out greedy Δ | steps to reach {ref}'s final reward ({target:.3f}) | sample efficiency vs {ref} | "
+             f"s/step (median) | time vs {ref} | PRM ranking acc. (fresh) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, r in table.items():
+        d = r["acc_after"][0] - r["acc_before"][0]
+        g = r["greedy_after"][0] - r["greedy_before"][0]
+        hit = r["steps_to_target"] or "not reached"
+        eff = f"{r['efficiency']:.2f}x" if r["efficiency"] else "-"
+        prm_acc = f"{r['prm_acc_fresh']:.3f}" if r["prm_acc_fresh"] is not None else "-"
+        lines.append(f"| {arm} | {r['seeds']} | {pm_(r['final_reward'])} | {r['acc_before'][0]:.3f} → "
+                     f"{pm_(r['acc_after'])} ({d:+.3f}) | {g:+.3f} | {hit} | {eff} | {r['t_step']:.2f} | "
+                     f"{r['t_ratio']:.2f}x | {prm_acc} |")
+    return "\n".join(lines)
+
+
+def compare_plot(results, table, ref, target, window, path):
+    """Training reward and held-out accuracy against RL step: one line per arm, band = ±1 sd over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm, seeds in results.items():
+        n = len(table[arm]["curve"])
+        curves = np.array([[m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])][:n] for r in seeds])
+        sm = np.array([[c[max(0, i - window + 1):i + 1].mean() for i in range(n)] for c in curves])  # trailing mean
+        x = np.arange(1, n + 1)
+        line, = ax1.plot(x, sm.mean(0), label=arm)
+        ax1.fill_between(x, sm.mean(0) - sm.std(0), sm.mean(0) + sm.std(0), color=line.get_color(), alpha=0.2)
+        # Held-out: before RL (step 0), every eval_every steps, after RL.
+        pts = []
+        for r in seeds:
+            p = {0: r["summary"]["acc_before"], r["summary"]["steps"]: r["summary"]["acc_after"]}
+            p.update({m["step"]: m["eval_acc"] for m in r["metrics"] if "eval_acc" in m})
+            pts.append(p)
+        steps = sorted(set.intersection(*[set(p) for p in pts]))
+        ys = np.array([[p[s] for s in steps] for p in pts])
+        ax2.plot(steps, ys.mean(0), marker="o", color=line.get_color(), label=arm)
+        ax2.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
+    ax1.axhline(target, color="gray", ls="--", lw=1, label=f"{ref} final ({target:.3f})")
+    ax1.set(xlabel="RL step", ylabel=f"training reward (sampled accuracy, mean of last {window} steps)",
+            title="Training reward")
+    ax2.set(xlabel="RL step", ylabel="held-out accuracy (sampled, T=1)", title="Held-out accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    n_seeds = len(next(iter(results.values())))
+    fig.suptitle(f"PRIME vs outcome-only on the default task ({n_seeds} seeds; band: ±1 sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_main(argv):
+    """`python prime_mini.py compare --arms prime,outcome --seeds 3 [flags for every arm]`: runs
+    every arm with every seed (same seed = same data order and the same SFT model), then writes
+    compare.png, compare.md and compare.json into one folder. Finished runs are reused and an
+    interrupted one resumes from its checkpoint, so the command can be run again after a kill."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="prime_mini.py compare", description=compare_main.__doc__)
+    ap.add_argument("--arms", default="prime,outcome", help=f"comma-separated arms: {', '.join(ARMS)}, or NAME:flag=value:...")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every arm")
+    ap.add_argument("--ref", default="", help="arm whose final training reward is the target (default: outcome if present, else the first)")
+    ap.add_argument("--name", default="", help="folder under --out-dir (default: compare-<time>)")
+    ap.add_argument("--out-dir", default="runs", help="parent folder (also holds the cached SFT model)")
+    ap.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every this many steps")
+    ap.add_argument("--window", type=int, default=10, help="steps in the trailing mean of the training reward")
+    args, common = ap.parse_known_args(argv)
+    arms = [arm_flags(a) for a in args.arms.split(",")]
+    names = [a[0] for a in arms]
+    ref = args.ref or ("outcome" if "outcome" in names else names[0])
+    if ref not in names:
+        raise pm.ConfigError(f"--ref: {ref!r} is not one of the arms ({', '.join(names)})")
+    name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
+    folder = os.path.join(args.out_dir, name)
+    plan = []  # check every arm's configuration before running anything
+    for seed in range(args.seeds):
+        for arm, flags in arms:
+            run_dir = os.path.join(folder, f"{arm}-s{seed}")
+            argv_ = common + flags + ["--seed", str(seed), "--out-dir", args.out_dir, "--run-name",
+                                      f"{name}/{arm}-s{seed}", "--eval-every", str(args.eval_every)]
+            cfg = pm.parse_config(argv_)
+            if cfg.steps < args.window:
+                raise pm.ConfigError(f"--steps {cfg.steps} is shorter than --window {args.window}")
+            plan.append((arm, seed, run_dir, cfg))
+    os.makedirs(folder, exist_ok=True)
+    for arm, seed, run_dir, cfg in plan:
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            print(f"{arm} seed {seed}: done already ({run_dir})")
+            continue
+        print(f"\n=== {arm}, seed {seed} ===")
+        if pm.latest_checkpoint(run_dir):
+            cfg = pm.parse_config(["--resume", run_dir])
+        pm.run(cfg)
+    results = {arm: [] for arm in names}
+    for arm, seed, run_dir, cfg in plan:
+        results[arm].append({"metrics": [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))],
+                             "summary": json.load(open(os.path.join(run_dir, "summary.json")))})
+    table, target = compare_table(results, ref, args.window)
+    md = compare_markdown(table, ref, target, args.window)
+    compare_plot(results, table, ref, target, args.window, os.path.join(folder, "compare.png"))
+    open(os.path.join(folder, "compare.md"), "w").write(md + "\n")
+    json.dump({"ref": ref, "target": target, "window": args.window, "common_flags": common,
+               "arms": {a: {"flags": dict(arms)[a], **table[a]} for a in names}},
+              open(os.path.join(folder, "compare.json"), "w"), indent=1)
+    print("\n" + md)
+    print(f"\nplot and table in {folder}/ (compare.png, compare.md, compare.json)")
+    return table
