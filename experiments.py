@@ -240,7 +240,7 @@ def compare_plot(results, table, ref, target, window, path):
         ax.grid(alpha=0.3)
         ax.legend()
     n_seeds = len(next(iter(results.values())))
-    fig.suptitle(f"PRIME vs outcome-only on the default task ({n_seeds} seeds; band: ±1 sd over seeds)")
+    fig.suptitle(f"{' vs '.join(results)} ({n_seeds} seeds; band: ±1 sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
