@@ -6,7 +6,6 @@ Run through prime_mini.py:
     python prime_mini.py compare --arms prime,outcome --seeds 3
     python prime_mini.py show-rewards RUN_DIR
 """
-import dataclasses
 import json
 import math
 import os
@@ -64,15 +63,13 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
     """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
     against π_ref, and write the page; prompts whose samples are both right and wrong come first."""
     n_prompts = n_prompts or cfg.reward_pages
-    rng_state = torch.get_rng_state()
-    torch.manual_seed(cfg.eval_seed)
     cand = rows[: 4 * n_prompts]
     texts = [pm.prompt_text(tok, r["prompt"], r.get("ability")) for r in cand for _ in range(cfg.K)]
     p_ids, p_mask = pm.encode_prompts(tok, texts, device)
     model.set_adapter("policy")
-    resp, mask = pm.generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, merged=cfg.merged_rollout,
-                             batch_size=cfg.gen_batch)
-    torch.set_rng_state(rng_state)
+    with pm.seeded(cfg.eval_seed):
+        resp, mask = pm.generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature,
+                                 merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
     r_o, _ = pm.verify_batch(cand, pm.decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers)
     batch = pm.Rollout(p_ids, p_mask, resp, mask, r_o, cand)
     model.set_adapter("prm")
@@ -107,11 +104,7 @@ def show_rewards_main(argv):
     ap.add_argument("--prompts", type=int, default=6, help="held-out prompts on the page (K responses each)")
     ap.add_argument("--out", default="", help="output file (default: RUN_DIR/rewards.html)")
     args = ap.parse_args(argv)
-    path = os.path.join(args.run_dir, "config.json")
-    if not os.path.exists(path):
-        raise pm.ConfigError(f"{path} not found: not a run directory")
-    saved = json.load(open(path))
-    cfg = pm.Config(**{f.name: saved[f.name] for f in dataclasses.fields(pm.Config) if f.name in saved})
+    cfg, saved = pm.saved_config(args.run_dir, "")
     folder = os.path.join(args.run_dir, "adapters")
     if not os.path.isdir(folder):
         ckpt = pm.latest_checkpoint(args.run_dir)

@@ -41,6 +41,7 @@ Departures from the paper's code [O], each an option; `--faithful` restores [O] 
        task [O]'s choices let the policy exploit an untrained PRM (README, "Ablations").
     3. One policy update per iteration (`policy_minibatches`; [O]: 4).
 """
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -226,14 +227,11 @@ def parse_config(argv=None):
     explicit = _explicit_fields(argv)
     if cfg.resume:
         cfg = resumed_config(cfg, explicit)
-    else:
-        for k, v in PRESETS.get(cfg.preset, {}).items():
-            if k not in explicit:  # a flag given explicitly still wins
-                setattr(cfg, k, v)
-    if cfg.faithful and not cfg.resume:
-        for k, v in FAITHFUL.items():
-            if k not in explicit:
-                setattr(cfg, k, v)
+    else:  # a preset's sizes, then [O]'s choices; a flag given explicitly still wins
+        for overrides in (PRESETS.get(cfg.preset, {}), FAITHFUL if cfg.faithful else {}):
+            for k, v in overrides.items():
+                if k not in explicit:
+                    setattr(cfg, k, v)
     validate(cfg)
     if cfg.preset != "tiny" and not cfg.plan_memory:
         rows, total, info = models.plan_memory(arch_config(cfg), cfg)
@@ -260,18 +258,23 @@ def _explicit_fields(argv):
 RESUME_FIELDS = ("resume", "steps", "save_every", "threads", "device", "show_progress")
 
 
+def saved_config(run_dir, flag):
+    """(Config, the raw dict) from a run directory's config.json; `flag` names the option in errors."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{flag}{path} not found: not a run directory")
+    saved = json.load(open(path))
+    return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved}), saved
+
+
 def resumed_config(cfg, explicit):
     """The Config of the run in `cfg.resume` (its config.json), with the few resumable overrides."""
-    path = os.path.join(cfg.resume, "config.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"--resume: {path} not found: not a run directory")
+    new, _ = saved_config(cfg.resume, "--resume: ")
     other = sorted(explicit - set(RESUME_FIELDS))
     if other:
         raise ConfigError(f"--resume continues a run with its saved config.json; only "
                           f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FIELDS[1:])} may be given, "
                           f"not --{other[0].replace('_', '-')}")
-    saved = json.load(open(path))
-    new = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     for k in RESUME_FIELDS:
         if k in explicit or k == "resume":
             setattr(new, k, getattr(cfg, k))
@@ -725,29 +728,38 @@ def sft_warmup(cfg, device):
 # ---------------------------------------------------------------------------------------------
 # Evaluation: held-out accuracy, sampled at temperature 1 and greedy.
 # ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def seeded(seed):
+    """Run a block on its own random numbers (torch CPU and CUDA), then restore the training RNG."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def evaluate(model, tok, rows, cfg, device, greedy, desc):
     """Held-out accuracy: mean outcome score of `eval_samples` samples per prompt at T=1, or of
     one greedy response. Sampling uses its own fixed seed (common random numbers), so the
     before/after difference and the difference between runs are not blurred by sampling noise;
     the training RNG state is restored afterwards."""
     n = 1 if greedy else cfg.eval_samples
-    rng_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(cfg.eval_seed)
     texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows]
     scores = []
     bs = max(1, 512 // n)
-    for i in tqdm(range(0, len(rows), bs), desc=desc, disable=not cfg.show_progress, leave=False):
-        chunk = [t for t in texts[i:i + bs] for _ in range(n)]
-        ids, am = encode_prompts(tok, chunk, device)
-        resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy, merged=cfg.merged_rollout,
-                              batch_size=cfg.gen_batch)
-        outs = decode_responses(tok, resp, mask)
-        s, _ = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers)
-        scores.append(s)
-    torch.set_rng_state(rng_state)
-    if cuda_state is not None:
-        torch.cuda.set_rng_state_all(cuda_state)
+    with seeded(cfg.eval_seed):
+        for i in tqdm(range(0, len(rows), bs), desc=desc, disable=not cfg.show_progress, leave=False):
+            chunk = [t for t in texts[i:i + bs] for _ in range(n)]
+            ids, am = encode_prompts(tok, chunk, device)
+            resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy,
+                                  merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
+            outs = decode_responses(tok, resp, mask)
+            s, _ = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers)
+            scores.append(s)
     return torch.cat(scores).mean().item()
 
 
