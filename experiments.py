@@ -70,7 +70,7 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
     with pm.seeded(cfg.eval_seed):
         resp, mask = pm.generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature,
                                  merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
-    r_o, _ = pm.verify_batch(cand, pm.decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers)
+    r_o, _ = pm.verify_batch(cand, pm.decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers, cfg.sandbox)
     batch = pm.Rollout(p_ids, p_mask, resp, mask, r_o, cand)
     model.set_adapter("prm")
     logp_phi = pm.logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
@@ -111,11 +111,12 @@ def show_rewards_main(argv):
         if ckpt is None:
             raise pm.ConfigError(f"{args.run_dir}: no adapters/ folder and no checkpoint")
         folder = os.path.join(ckpt, "adapters")
+    rows = pm.load_rows(cfg.test_data)
+    pm.check_sandbox(cfg.sandbox, rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, tok = pm.load_base(saved["base_path"], device, cfg)
     model = pm.add_adapters(base, cfg)
     pm.load_adapters(model, folder)
-    rows = pm.load_rows(cfg.test_data)
     return write_reward_page(model, tok, rows, cfg, device, args.out or os.path.join(args.run_dir, "rewards.html"),
                              args.run_dir, n_prompts=args.prompts)
 

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 import prm
 import rl
+import sandbox
 import verifiers
 from models import (CHARS, ConfigError, add_adapters, adapter_params, build_char_tokenizer,  # noqa: F401
                     build_tiny_model, load_base, load_tokenizer, save_tokenizer)
@@ -85,6 +86,7 @@ class Config:
     test_data: str = "data/arith_test.jsonl"  # held-out prompts for evaluation
     sft_data: str = "data/arith_sft.jsonl"  # worked solutions (`response` field) for the SFT warm-up
     verify_workers: int = 4  # code responses verified in parallel (sandboxed subprocesses; verifiers.py)
+    sandbox: str = "bwrap"  # bwrap | rlimit: where code rows' programs run; with bwrap a code run stops if bubblewrap cannot run here, rlimit (a plain subprocess with resource limits) is only for code you would run unconfined (README, Verifiers)
     # model
     model: str = ""  # a Hugging Face model name or folder as the SFT model; empty = tiny default
     preset: str = "tiny"  # tiny | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes that fit a 24 GB GPU (README); explicit flags win
@@ -167,6 +169,7 @@ CHOICES = {
     "prime_norm": ("batch_norm", "none"),
     "loss_agg": ("seq-mean-token-mean", "token-mean"),
     "preset": ("tiny", "qwen2.5-0.5b", "qwen2.5-math-7b"),
+    "sandbox": ("bwrap", "rlimit"),
 }
 
 # The paper's code [O] (spec §14), for the algorithmic fields the tiny default changes. Learning
@@ -637,17 +640,31 @@ def pad_cat(tensors, left, value):
     return torch.cat(padded)
 
 
-def verify_batch(rows, texts, K, workers=4):
+def verify_batch(rows, texts, K, workers=4, mode="bwrap"):
     """Outcome score per response (row i // K is the prompt of response i); and failure counts.
 
     Math answers are checked in this (main) thread, where math-verify's time limit works; code
-    responses run in sandboxed subprocesses, `workers` at a time. A response whose verifier
-    fails scores 0 with reason "verifier_error": one bad sample never stops the run."""
-    results = verifiers.outcome_rewards([rows[i // K] for i in range(len(texts))], texts, workers=workers)
+    responses run in sandboxed subprocesses (sandbox `mode`), `workers` at a time. A response whose
+    verifier fails scores 0 with reason "verifier_error": one bad sample never stops the run."""
+    results = verifiers.outcome_rewards([rows[i // K] for i in range(len(texts))], texts,
+                                        sandbox.Limits(mode=mode), workers)
     reasons = {}
     for _, why in results:
         reasons[why] = reasons.get(why, 0) + 1
     return torch.tensor([s for s, _ in results]), reasons
+
+
+def check_sandbox(mode, rows):
+    """With code rows to verify, say which sandbox runs their programs; stop (before any model is
+    built) if it is bubblewrap and bwrap cannot run here. The weaker mode runs only when named."""
+    if not any(r.get("ability") == "code" for r in rows):
+        return
+    problem = sandbox.bwrap_problem() if mode == "bwrap" else None
+    if problem:
+        raise ConfigError(sandbox.bwrap_error(problem))
+    print("code sandbox: " + ("bwrap (bubblewrap)" if mode == "bwrap" else
+                              "rlimit, as asked (a plain subprocess with resource limits: programs can read and write "
+                              "what this user can and reach the network)"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,7 +775,7 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc):
             resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy,
                                   merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
             outs = decode_responses(tok, resp, mask)
-            s, _ = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers)
+            s, _ = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers, cfg.sandbox)
             scores.append(s)
     return torch.cat(scores).mean().item()
 
@@ -813,7 +830,7 @@ def collect(model, tok, cfg, train_rows, stream, buffer, device):
         t_gen += time.time() - t
         t = time.time()
         outs = decode_responses(tok, resp, mask)
-        r_o, why = verify_batch(rows, outs, K, cfg.verify_workers)
+        r_o, why = verify_batch(rows, outs, K, cfg.verify_workers, cfg.sandbox)
         t_ver += time.time() - t
         for k, v in why.items():
             reasons[k] = reasons.get(k, 0) + v
@@ -1057,6 +1074,7 @@ def run(cfg):
     # Read and check all data before building anything expensive.
     train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
     test_rows = load_rows(cfg.test_data)[: cfg.eval_n or None]
+    check_sandbox(cfg.sandbox, train_rows + test_rows)
 
     rng = torch.get_rng_state()  # SFT seeds its own RNG: a cold run must draw what a cached one does
     base_path = cfg.model if cfg.model else sft_warmup(cfg, device)

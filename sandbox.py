@@ -1,21 +1,25 @@
-"""Run an untrusted Python program against test cases in a separate, limited process (spec §9.2).
+"""Run an untrusted Python program against test cases in a separate, limited process.
 
 The code verifier's engine. Nothing here imports torch or the model code: the training process
-calls `run_tests`, which starts this same file as a *runner* in a fresh process (inside bubblewrap
-when `bwrap` works, else a plain subprocess), sends it the program and the tests on stdin, and
-reads one JSON result from its stdout. The runner starts the program once per test case, each
-time in a fresh process with resource limits, and compares its output with the expected one.
+calls `run_tests`, which starts this same file as a *runner* in a fresh process (inside bubblewrap,
+or in a plain subprocess only when that weaker mode is named), sends it the program and the tests
+on stdin, and reads one JSON result from its stdout. The runner starts the program once per test
+case, each time in a fresh process with resource limits, and compares its output with the
+expected one.
 The program never sees the expected outputs, so it cannot print them.
 
 Layers, outermost first:
   1. The training process: a wall-clock limit for the whole sample; on expiry, or always at the
      end, SIGKILL to the runner's process group and to every process left in its session.
-  2. bubblewrap (`mode="bwrap"`): new PID, network, IPC, UTS and cgroup namespaces; a read-only
-     view of /usr and of the Python installation only (no /home, /root, /work, /etc); a private
-     size-limited tmpfs for /tmp and for the working directory; an empty environment; no
-     capabilities except the three the runner needs to drop privileges and kill; death with
-     its parent. Without bwrap (`mode="rlimit"`) the runner is a plain subprocess in a fresh
-     temporary directory that is removed afterwards, with a warning logged once.
+  2. bubblewrap (`mode="bwrap"`, the default): new PID, network, IPC, UTS and cgroup namespaces;
+     a read-only view of /usr and of the Python installation only (no /home, /root, /work, /etc),
+     wherever that installation lives (a venv under /tmp included: it is mounted after, hence on
+     top of, the sandbox's own /tmp); a private size-limited tmpfs for /tmp and for the working
+     directory; an empty environment; no capabilities except the three the runner needs to drop
+     privileges and kill; death with its parent. If bwrap cannot run, the runner fails and every
+     sample scores 0 ("sandbox_error"): nothing runs unconfined unless `mode="rlimit"` is named,
+     which makes the runner a plain subprocess in a fresh temporary directory (removed afterwards).
+     `bwrap_problem()` says whether bwrap works here, with the probe's own error.
   3. The runner: per test, a fresh process in its own process group, as an unused uid of its
      own (one per sample, so samples running side by side share no process count) when the
      runner is root (root ignores RLIMIT_NPROC), with RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE,
@@ -54,14 +58,14 @@ CALL_MARK = "\x00prime-result\x00"  # prefix of the call-based harness's result 
 @dataclass(frozen=True)
 class Limits:
     """Resource limits for one program (all tests of one response)."""
-    test_timeout: float = 5.0  # wall seconds per test case (spec §9.2: 5 s)
+    test_timeout: float = 5.0  # wall seconds per test case (PRIME's code reward: 5 s)
     sample_timeout: float = 30.0  # wall seconds for all tests of one response; later tests fail
     memory_mb: int = 1024  # RLIMIT_AS of the program, MiB
     file_mb: int = 16  # RLIMIT_FSIZE: the largest file the program may write, MiB
     max_procs: int = 32  # RLIMIT_NPROC: processes and threads of the program's user
     output_bytes: int = 1 << 20  # cap on the program's stdout (and stderr) per test
     tmpfs_mb: int = 64  # size of the private /tmp and working directory under bwrap
-    mode: str = "auto"  # "bwrap", "rlimit" (plain subprocess), or "auto" (bwrap if it works)
+    mode: str = "bwrap"  # "bwrap", or "rlimit" (a plain subprocess: only for code you would run unconfined)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,22 +329,36 @@ def runner_main():
 # ---------------------------------------------------------------------------------------------
 # The training-process side: start the runner in bubblewrap (or a plain subprocess) and wait.
 # ---------------------------------------------------------------------------------------------
-_MODE = {}  # cache: the sandbox mode that works on this machine
-_MODE_LOCK = threading.Lock()
+_PROBE = {}  # cache: bwrap_problem()'s answer for this process
+_PROBE_LOCK = threading.Lock()
+_WARNED = set()  # warnings already given once
 
 
-def _python_roots():
-    """Folders that hold the Python installation (a venv has two)."""
-    roots = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
-    roots.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
-    return sorted(r for r in roots if not r.startswith("/usr/") and r != "/usr")
+def python_roots():
+    """Folders of the Python that the sandbox runs, to be bound read-only: the interpreter's own
+    (the folder above its bin/, symlinks resolved: a venv's `bin/python` usually points into its
+    base installation) and the standard library's (sys.base_prefix; a venv made with --copies has
+    its own interpreter but its base's library). A venv's site-packages are not needed: the runner
+    and the programs start with `-I -S`. Folders inside another root or under /usr (bound whole)
+    are left out."""
+    exe = os.path.realpath(sys.executable)
+    roots = {os.path.dirname(os.path.dirname(exe)), os.path.realpath(sys.base_prefix),
+             os.path.realpath(sys.base_exec_prefix)}
+    roots = {r for r in roots if r not in ("/", "/usr") and not r.startswith("/usr/")}
+    return sorted(r for r in roots if not any(r.startswith(other + "/") for other in roots))
 
 
 def bwrap_argv(limits, command=None):
-    """The bubblewrap command line that starts the runner (or `command`): what it can see and do."""
+    """The bubblewrap command line that starts the runner (or `command`): what it can see and do.
+
+    bwrap makes its mounts in order, so the Python installation is bound last: when it lives
+    under /tmp (`python -m venv /tmp/venv`) or under /sandbox, it is mounted on top of the
+    private tmpfs instead of being hidden by it. It keeps its own path: an interpreter names its
+    shared libpython (rpath) and a venv its base installation (pyvenv.cfg) by absolute path, so
+    a copy bound elsewhere would not start."""
     size = str(limits.tmpfs_mb << 20)
-    argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--clearenv", "--ro-bind", "/usr", "/usr"]
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv", "--ro-bind", "/usr", "/usr"]
     if os.geteuid() == 0:  # root: no user namespace (the runner must be able to change uid)
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_KILL"]
     else:  # an ordinary user needs a user namespace for the others
@@ -350,19 +368,18 @@ def bwrap_argv(limits, command=None):
             argv += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
-    for root in _python_roots():
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
+             "--size", size, "--tmpfs", "/sandbox", "--ro-bind", os.path.join(HERE, "sandbox.py"), "/runner/sandbox.py"]
+    for root in python_roots():
         parents, p = [], os.path.dirname(root)
         while p != "/":
             parents.insert(0, p)
             p = os.path.dirname(p)
         for p in parents:  # bwrap would copy a 0700 /root; the program's uid must pass through
-            argv += ["--perms", "0755", "--dir", p]
+            argv += ["--perms", "0755", "--dir", p]  # (a folder that is already there, as /tmp, keeps its mode)
         argv += ["--ro-bind", root, root]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
-             "--size", size, "--tmpfs", "/sandbox", "--ro-bind", os.path.join(HERE, "sandbox.py"), "/runner/sandbox.py",
-             "--chdir", "/sandbox", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
-             "--"]
-    return argv + (command or [sys.executable, "-I", "-S", "/runner/sandbox.py"])
+    argv += ["--chdir", "/sandbox", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--"]
+    return argv + (command or [os.path.realpath(sys.executable), "-I", "-S", "/runner/sandbox.py"])
 
 
 def _world_traversable(path):
@@ -375,23 +392,31 @@ def _world_traversable(path):
     return True
 
 
-def sandbox_mode(requested="auto"):
-    """"bwrap" if bubblewrap is installed and runs here, else "rlimit" (with a warning, once)."""
-    if requested != "auto":
-        return requested
-    with _MODE_LOCK:
-        if "auto" in _MODE:
-            return _MODE["auto"]
-        ok = False
-        if shutil.which("bwrap"):
-            probe = subprocess.run(bwrap_argv(Limits(), [sys.executable, "-I", "-S", "-c", "pass"]),
-                                   capture_output=True, timeout=30)
-            ok = probe.returncode == 0
-        _MODE["auto"] = "bwrap" if ok else "rlimit"
-        if not ok:
-            warnings.warn("bubblewrap (bwrap) is missing or cannot run here: code runs in a plain subprocess "
-                          "with rlimits only (no PID/network/mount isolation; see README, Verifiers)", RuntimeWarning)
-    return _MODE["auto"]
+def bwrap_problem():
+    """None if bubblewrap runs the runner here; else why not, in the probe's own words (such as
+    "bwrap: setting up uid map: Permission denied"). The probe scores a one-line program
+    through `run_tests` exactly as a sample is scored; the answer is cached for the process."""
+    with _PROBE_LOCK:
+        if "bwrap" not in _PROBE:
+            got = run_tests("print(1)", {"inputs": [""], "outputs": ["1"]}, Limits(mode="bwrap"))
+            if got == {"results": ["pass"]}:
+                _PROBE["bwrap"] = None
+            elif "detail" in got:  # bwrap or the runner failed: their own error
+                _PROBE["bwrap"] = got["detail"]
+            else:  # the runner ran, the program did not
+                _PROBE["bwrap"] = f"the probe program `print(1)` scored {got} inside bubblewrap" + (
+                    "; as root, programs run as an unused uid, which must be able to read Python "
+                    f"({os.path.realpath(sys.executable)}; chmod -R o+rX its folder)" if os.geteuid() == 0 else "")
+        return _PROBE["bwrap"]
+
+
+def bwrap_error(problem):
+    """The message that stops a run with code rows when bubblewrap cannot run: its error and the fix."""
+    return (f"code rows are verified in a bubblewrap sandbox, and bwrap cannot run here: {problem.strip()}\n"
+            "fix: install bubblewrap (apt-get install bubblewrap, or dnf install bubblewrap) where it may create "
+            "namespaces (a container may need unprivileged user namespaces or CAP_SYS_ADMIN); or, "
+            "only where these programs may run unconfined (trusted code, a throwaway container), ask for the "
+            "weaker sandbox by name: --sandbox rlimit (a plain subprocess with resource limits; README, Verifiers)")
 
 
 def _kill_session(sid):
@@ -419,20 +444,23 @@ def run_tests(program, tests, limits=Limits()):
     Example: run_tests("print(int(input())*2)", {"inputs": ["3\\n"], "outputs": ["6\\n"]})
              -> {"results": ["pass"]}
     """
-    mode = sandbox_mode(limits.mode)
+    mode = limits.mode
+    assert mode in ("bwrap", "rlimit"), f"sandbox mode must be 'bwrap' or 'rlimit', got {mode!r}"
     n = len(tests["inputs"])
     payload = {"program": program, "tests": tests, "limits": asdict(limits), "uid": random.randrange(*UID_RANGE)}
     workdir = None
     if mode == "bwrap":
+        if not shutil.which("bwrap"):
+            return {"error": "sandbox_error", "detail": "bwrap is not installed (no `bwrap` on PATH)"}
         argv, cwd = bwrap_argv(limits), None
     else:
         workdir = cwd = tempfile.mkdtemp(prefix="prime_sandbox_")
         argv = [sys.executable, "-I", "-S", os.path.join(HERE, "sandbox.py")]
         if not (_world_traversable(sys.executable) and _world_traversable(os.path.join(HERE, "sandbox.py"))):
             payload["uid"] = None  # another uid could not even start Python
-        if os.geteuid() == 0 and not payload["uid"] and not _MODE.get("warned_root"):
-            _MODE["warned_root"] = True
-            warnings.warn("sandbox fallback as root: Python is not readable by other users, so programs run as "
+        if os.geteuid() == 0 and not payload["uid"] and "root" not in _WARNED:
+            _WARNED.add("root")
+            warnings.warn("sandbox mode rlimit as root: Python is not readable by other users, so programs run as "
                           "root and RLIMIT_NPROC is not enforced (install bubblewrap)", RuntimeWarning)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
     # The runner's own budget: every test's limit plus start-up; the runner stops at sample_timeout.

@@ -1,17 +1,18 @@
 """Outcome verifiers: the outcome reward r_o(y) ∈ [0, 1] of a response, from strings only.
 
-PRIME's only supervision is this score (paper §4.1: r_math ∈ {0, 1}, r_code = #passed/#tests;
-spec §9). It trains both the policy (through RLOO) and the implicit PRM (its cross-entropy labels),
-so it must be right, and one bad sample must never stop a run.
+PRIME's only supervision is this score (paper §4.1: r_math ∈ {0, 1}, r_code = #passed/#tests).
+It trains both the policy (through RLOO) and the implicit PRM (its cross-entropy labels), so it
+must be right, and one bad sample must never stop a run.
 
 - math: the last `\\boxed{...}` of the response (brace-matched, nested braces allowed), else the
-  text after the last "the answer is" (spec §9.1), compared with the ground truth by math-verify
+  text after the last "the answer is", compared with the ground truth by math-verify
   (https://github.com/huggingface/Math-Verify): fractions vs decimals, `\\frac`/`\\dfrac`,
   percentages, intervals, tuples, sets, simple expressions, LaTeX spacing and `\\text{}` noise.
   Each parse and comparison has math-verify's own time limit (`MATH_TIMEOUT` s). Score 1 or 0.
 - code: the last ```python block (the whole response if none) run on the sample's test cases
   (APPS/TACO JSON: inputs/outputs[/fn_name]) by `sandbox.run_tests`, in a separate sandboxed
-  process. Score 1.0 if every test passes, else the fraction passed of the first 10 (spec §9.2).
+  process: bubblewrap unless the caller names the weaker mode (`sandbox.Limits(mode="rlimit")`).
+  Score 1.0 if every test passes, else the fraction passed of the first 10.
 
 Entry points: `outcome_reward(sample, response) -> (score, reason)` for one sample and
 `outcome_rewards(samples, responses)` for a batch (code samples in parallel). `reason` is one of
@@ -35,11 +36,11 @@ from math_verify import parse, verify
 import sandbox
 
 MATH_TIMEOUT = 3  # seconds per math-verify parse or comparison (SIGALRM; whole seconds)
-MAX_CODE_TESTS = 10  # partial credit counts the first 10 tests (spec §9.2)
+MAX_CODE_TESTS = 10  # partial credit counts the first 10 tests (PRIME's code reward)
 REASONS = ("correct", "partial", "wrong", "no_answer", "timeout", "syntax_error", "runtime_error", "memory",
            "output_limit", "sandbox_error", "verifier_error")
 
-# Spec §9.1 fallback when there is no box: the text after the last "answer is"/"answer:".
+# The fallback when there is no box: the text after the last "answer is"/"answer:".
 _ANSWER_IS = re.compile(r"(?:answer is|answers are|answer\s*:)\s*", re.IGNORECASE)
 
 
@@ -131,7 +132,7 @@ _FENCE = re.compile(r"```(?:python|py|python3)[ \t]*\n(.*?)(?:```|\Z)", re.DOTAL
 
 def extract_program(response):
     """The last ```python block of the response (an unclosed last block runs to the end);
-    the whole response if there is none (spec §9.2).
+    the whole response if there is none.
 
     Example: extract_program("try:\\n```python\\nprint(1)\\n```") -> "print(1)\\n"
     """
@@ -166,7 +167,7 @@ def parse_code_tests(ground_truth):
 
 
 def code_score(results):
-    """Spec §9.2: 1.0 if every test passed, else the fraction passed of the first 10 tests.
+    """1.0 if every test passed, else the fraction passed of the first 10 tests.
 
     The reason is "correct", "partial" (some passed), or the first failure's kind.
     Example: code_score(["pass", "wrong", "pass", "timeout"]) -> (0.5, "partial")
@@ -267,8 +268,8 @@ def outcome_rewards(samples, responses, limits=sandbox.Limits(), workers=4):
     return out
 
 
-def _bench(workers):
-    """Throughput on a batch of 256 math and 64 code responses (README, Verifiers)."""
+def _bench(workers, mode):
+    """Throughput on a batch of 256 math and 64 code responses (README, Verifiers), in sandbox `mode`."""
     import os
     import random
     here = os.path.dirname(os.path.abspath(__file__))
@@ -293,12 +294,16 @@ def _bench(workers):
                    "def f(:\n    pass", "raise ValueError('no')"][i % 4]
         code_rows.append(r)
         code_resp.append("Here is my solution.\n```python\n" + program + "\n```")
-    print(f"sandbox mode: {sandbox.sandbox_mode()}, {os.cpu_count()} CPU cores, {workers} code workers")
+    problem = sandbox.bwrap_problem() if mode == "bwrap" else None
+    if problem:
+        raise SystemExit("error: " + sandbox.bwrap_error(problem))
+    limits = sandbox.Limits(mode=mode)
+    print(f"sandbox mode: {mode}, {os.cpu_count()} CPU cores, {workers} code workers")
     for name, rows, resp in [("256 math", math_rows, math_resp), ("64 code", code_rows, code_resp),
                              ("256 math + 64 code", math_rows + code_rows, math_resp + code_resp)]:
-        outcome_rewards(rows[:8], resp[:8], workers=workers)  # warm caches (math-verify, bwrap probe)
+        outcome_rewards(rows[:8], resp[:8], limits, workers)  # warm caches (math-verify)
         t = time.perf_counter()
-        out = outcome_rewards(rows, resp, workers=workers)
+        out = outcome_rewards(rows, resp, limits, workers)
         dt = time.perf_counter() - t
         mean = sum(s for s, _ in out) / len(out)
         print(f"{name:>20}: {dt:6.2f} s, {len(rows) / dt:7.1f} samples/s, mean score {mean:.3f}")
@@ -309,8 +314,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Benchmark the outcome verifiers")
     ap.add_argument("--bench", action="store_true", help="time a batch of 256 math and 64 code responses")
     ap.add_argument("--workers", type=int, default=4, help="threads running code responses in parallel")
+    ap.add_argument("--sandbox", choices=("bwrap", "rlimit"), default="bwrap",
+                    help="bwrap (stops if bubblewrap cannot run) or rlimit (a plain subprocess: trusted code only)")
     args = ap.parse_args()
     if args.bench:
-        _bench(args.workers)
+        _bench(args.workers, args.sandbox)
     else:
         ap.print_help()

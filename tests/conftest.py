@@ -1,4 +1,41 @@
+"""Shared by the tests: the repository on sys.path, the sandbox mode that code tests run in, and
+a bubblewrap that cannot run."""
 import os
+import stat
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sandbox  # noqa: E402
+
+# Tests that are not about the sandbox itself score trusted programs (shipped references, honest
+# answers): under bubblewrap where it runs, else in the weaker rlimit mode. The header says which.
+CODE_MODE = "bwrap" if sandbox.bwrap_problem() is None else "rlimit"
+BROKEN_BWRAP_ERROR = "bwrap: setting up uid map: Permission denied"  # what a locked-down container says
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say, last (also under -q), which sandbox the code tests ran in."""
+    problem = sandbox.bwrap_problem()
+    terminalreporter.write_line(f"code sandbox: {CODE_MODE} (Python {sys.executable})" + (
+        f"; bubblewrap cannot run here: {problem.strip()}" if problem else ""))
+
+
+@pytest.fixture
+def code_mode():
+    return CODE_MODE
+
+
+@pytest.fixture
+def broken_bwrap(tmp_path, monkeypatch):
+    """A `bwrap` first on PATH that fails as in a container without namespaces; the probe's cached
+    answer is forgotten for the test. Returns the error it prints."""
+    fake = tmp_path / "fake-bin" / "bwrap"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho '{BROKEN_BWRAP_ERROR}' >&2\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(sandbox, "_PROBE", {})
+    return BROKEN_BWRAP_ERROR

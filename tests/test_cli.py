@@ -130,7 +130,7 @@ def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     assert (runs / "micro3" / "summary.json").exists()
 
 
-def test_math_and_code_mix_trains_in_a_micro_run(tmp_path):
+def test_math_and_code_mix_trains_in_a_micro_run(tmp_path, code_mode):
     # Four arithmetic and four code prompts: the tiny model writes no Python, so its code
     # responses fail (syntax errors, mostly), but the code path runs end to end in the sandbox.
     mix = tmp_path / "mix.jsonl"
@@ -139,9 +139,12 @@ def test_math_and_code_mix_trains_in_a_micro_run(tmp_path):
     mix.write_text("".join(lines))
     runs = tmp_path / "runs"
     argv = [sys.executable, "prime_mini.py", "--out-dir", str(runs), "--run-name", "mix",
-            "--data", f"{mix},data/code_problems.jsonl", *MICRO, "--eval-n", "4", "--eval-samples", "1"]
+            "--data", f"{mix},data/code_problems.jsonl", *MICRO, "--eval-n", "4", "--eval-samples", "1",
+            "--sandbox", code_mode]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert f"code sandbox: {code_mode}" in out.stdout, "the sandbox mode is printed at start"
+    assert json.loads((runs / "mix" / "config.json").read_text())["sandbox"] == code_mode, "and recorded"
     metrics = [json.loads(l) for l in (runs / "mix" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2], metrics
     code_reasons = {"n_syntax_error", "n_runtime_error", "n_partial", "n_timeout", "n_memory", "n_output_limit",
@@ -149,3 +152,23 @@ def test_math_and_code_mix_trains_in_a_micro_run(tmp_path):
     seen = {k for m in metrics for k in m if k in code_reasons}
     assert seen, f"no code response was verified: {[sorted(m) for m in metrics]}"
     assert not any(m.get("n_verifier_error") for m in metrics), "a verifier crashed"
+
+
+def test_code_run_stops_before_any_model_when_bwrap_cannot_run(tmp_path, broken_bwrap):
+    runs = tmp_path / "runs"
+    out = subprocess.run([sys.executable, "prime_mini.py", "--data", "data/code_problems.jsonl", "--out-dir", str(runs)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert broken_bwrap in out.stderr, f"the probe's own error: {out.stderr}"
+    assert "install bubblewrap" in out.stderr and "--sandbox rlimit" in out.stderr, "the fix and the opt-in"
+    assert "SFT" not in out.stdout and not runs.exists(), "nothing was trained or written"
+
+
+def test_weaker_sandbox_runs_only_when_named_and_says_so(broken_bwrap, capsys):
+    code = [{"ability": "code"}]
+    with pytest.raises(pm.ConfigError, match="bwrap cannot run here"):
+        pm.check_sandbox("bwrap", code)
+    pm.check_sandbox("rlimit", code)  # named: goes on, and says what it gives up
+    assert "code sandbox: rlimit, as asked" in capsys.readouterr().out
+    pm.check_sandbox("bwrap", [{"ability": "math"}])  # no code rows: nothing to sandbox, nothing to stop
+    assert pm.parse_config(["--sandbox", "rlimit"]).sandbox == "rlimit"

@@ -190,7 +190,7 @@ def test_filter_keeps_band_groups_and_returns_surplus_prompts_to_the_buffer(tok,
     monkeypatch.setattr(pm, "generate", lambda model, tok, ids, am, n, t, greedy=False, **kw: (
         torch.full((ids.shape[0], 3), tok.eos_token_id), torch.ones(ids.shape[0], 3)))
 
-    def fake_verify(rws, texts, K, workers=4):
+    def fake_verify(rws, texts, K, workers=4, mode="bwrap"):
         s = [float(k == 0) if int(r["reward_model"]["ground_truth"]) in passing else 0.0 for r in rws for k in range(K)]
         return torch.tensor(s), {"correct": int(sum(s)), "wrong": len(s) - int(sum(s))}
     monkeypatch.setattr(pm, "verify_batch", fake_verify)
@@ -222,7 +222,7 @@ def test_refill_round_draws_only_what_the_missing_groups_need(tok, monkeypatch):
     monkeypatch.setattr(pm, "generate", fake_generate)
     passing = {0, 1, 2, 3, 4, 5} | set(range(8, 40))  # prompts 6 and 7 fail the filter
 
-    def fake_verify(rws, texts, K, workers=4):
+    def fake_verify(rws, texts, K, workers=4, mode="bwrap"):
         s = [float(k == 0) if int(r["reward_model"]["ground_truth"]) in passing else 0.0 for r in rws for k in range(K)]
         return torch.tensor(s), {}
     monkeypatch.setattr(pm, "verify_batch", fake_verify)
@@ -247,9 +247,9 @@ def test_evaluation_uses_its_own_seed_and_restores_the_training_rng(tok, monkeyp
     # Same model, same eval seed: the very same samples, whatever the global RNG state was.
     texts, orig = [], pm.verify_batch
 
-    def spy(rws, outs, K, workers=4):
+    def spy(rws, outs, K, workers=4, mode="bwrap"):
         texts.append(list(outs))
-        return orig(rws, outs, K)
+        return orig(rws, outs, K, workers, mode)
     monkeypatch.setattr(pm, "verify_batch", spy)
     torch.manual_seed(1)
     pm.evaluate(model, tok, rows, cfg, "cpu", False, "")

@@ -2,13 +2,18 @@
 leave no process and no file behind, and cannot touch the test process.
 
 Each hostile program runs under bubblewrap (`mode="bwrap"`, skipped where bwrap cannot run) and,
-where that is safe, under the plain-subprocess fallback (`mode="rlimit"`). Programs that could
+where that is safe, in the weaker plain-subprocess mode (`mode="rlimit"`). Programs that could
 harm the machine outside a PID namespace (a fork bomb, `kill(-1)`) run only under bwrap, and the
-fork bomb only after a bounded check that RLIMIT_NPROC is really enforced there.
+fork bomb only after a bounded check that RLIMIT_NPROC is really enforced there. The bwrap tests
+run again with Python in a virtual environment under /tmp, which the sandbox's private /tmp must
+not hide; and a bubblewrap that cannot run must stop the programs, not let them run unconfined.
 """
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -18,7 +23,7 @@ import sandbox
 import verifiers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_BWRAP = sandbox.sandbox_mode("auto") == "bwrap"
+HAVE_BWRAP = sandbox.bwrap_problem() is None
 MODES = [pytest.param("bwrap", marks=pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap cannot run here")),
          "rlimit"]
 BWRAP_ONLY = pytest.mark.skipif(not HAVE_BWRAP, reason="needs bubblewrap: unsafe or not isolated without it")
@@ -103,12 +108,13 @@ def test_output_comparison_ignores_whitespace_and_allows_numeric_tolerance():
 
 @pytest.mark.parametrize("row", [json.loads(l) for l in open(os.path.join(ROOT, "data", "code_problems.jsonl"))],
                          ids=lambda r: f"problem{r['extra_info']['index']}")
-def test_every_shipped_problem_accepts_its_reference_and_rejects_a_wrong_program(row):
+def test_every_shipped_problem_accepts_its_reference_and_rejects_a_wrong_program(row, code_mode):
     ref = "```python\n" + row["extra_info"]["reference"] + "\n```"
-    assert verifiers.outcome_reward(row, ref) == (1.0, "correct"), row["prompt"][0]["content"]
+    lim = sandbox.Limits(mode=code_mode)
+    assert verifiers.outcome_reward(row, ref, lim) == (1.0, "correct"), row["prompt"][0]["content"]
     tests = json.loads(row["reward_model"]["ground_truth"])
     wrong = "def {0}(*a):\n    return None".format(tests["fn_name"]) if "fn_name" in tests else "print('nope')"
-    assert verifiers.outcome_reward(row, wrong)[0] == 0.0, row["prompt"][0]["content"]
+    assert verifiers.outcome_reward(row, wrong, lim)[0] == 0.0, row["prompt"][0]["content"]
 
 
 def test_shipped_problems_are_about_twenty_of_both_kinds():
@@ -191,7 +197,7 @@ def test_program_cannot_reach_the_network():
 def test_kill_everything_reaches_only_the_sandbox():
     # kill(-1) signals every process the caller may signal: as its own uid in its own PID namespace
     # that is nothing (the runner is root), so the program goes on and the runner reports it.
-    assert sandbox.sandbox_mode("bwrap") == "bwrap", "kill(-1) must never run outside a PID namespace"
+    assert sandbox.bwrap_problem() is None, "kill(-1) must never run outside a PID namespace"
     program = "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint(3)"
     score, reason = run_checked(program, {"inputs": ["1 2\n"], "outputs": ["3\n"]}, "bwrap", HONEST_TIMEOUT)
     assert (score, reason) == (1.0, "correct"), (score, reason)
@@ -217,12 +223,69 @@ def test_fork_bomb_is_contained():
     assert not stray_processes(), stray_processes()
 
 
-def test_many_samples_in_parallel_each_get_their_own_score():
+def test_many_samples_in_parallel_each_get_their_own_score(code_mode):
     programs = ["a, b = map(int, input().split())\nprint(a + b)", "while True:\n    pass", "print(0)"] * 4
     tests = {"inputs": ["1 2\n", "0 0\n"], "outputs": ["3\n", "0\n"]}
     samples = [{"ability": "code", "reward_model": {"ground_truth": json.dumps(tests)}}] * len(programs)
     t = time.monotonic()
-    out = verifiers.outcome_rewards(samples, programs, limits(sandbox.sandbox_mode(), 2.0), workers=4)
+    out = verifiers.outcome_rewards(samples, programs, limits(code_mode, 2.0), workers=4)
     assert [r for _, r in out] == ["correct", "timeout", "partial"] * 4, out
     assert time.monotonic() - t < 30, "the pool ran the hanging programs one after another"
     assert not stray_processes(), stray_processes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where Python lives, and a bubblewrap that cannot run.
+# ---------------------------------------------------------------------------------------------
+# Can bubblewrap run here at all, whatever the Python? (the sandbox, running /usr/bin/true)
+BWRAP_ITSELF_RUNS = bool(shutil.which("bwrap")) and subprocess.run(
+    sandbox.bwrap_argv(limits("bwrap"), ["/usr/bin/true"]), capture_output=True).returncode == 0
+NO_BWRAP_AT_ALL = pytest.mark.skipif(not BWRAP_ITSELF_RUNS, reason="bubblewrap itself cannot run here")
+# The bwrap tests of this file, hostile programs all, to run again through another Python.
+BWRAP_TESTS = "((hostile and bwrap) or outside or network or secrets or kill_everything or fork_bomb) and not venv"
+
+
+@NO_BWRAP_AT_ALL
+def test_hostile_programs_are_contained_with_python_in_a_venv_under_tmp():
+    # A new user's setup: `python3 -m venv /tmp/venv`. The sandbox's private /tmp must not hide
+    # that Python (the runner could not start and the code used to run unconfined instead).
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="prime_") as tmp:
+        venv = os.path.join(tmp, "venv")  # made with the usual mode 755 (a TemporaryDirectory is 700)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv], check=True)
+        python = os.path.join(venv, "bin", "python")
+        out = subprocess.run([python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_sandbox.py",
+                              "-k", BWRAP_TESTS], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    report = out.stdout + out.stderr
+    assert f"code sandbox: bwrap (Python {python})" in report, f"no bubblewrap from the venv:\n{report[-3000:]}"
+    assert out.returncode == 0, report[-3000:]
+    skipped = [line for line in report.splitlines() if line.startswith("SKIPPED") and "bubblewrap" in line]
+    assert not skipped, f"bwrap tests skipped with Python in the venv: {skipped}"
+
+
+@NO_BWRAP_AT_ALL
+def test_bwrap_runs_a_venv_with_its_own_interpreter_under_tmp():
+    # `--copies`: the interpreter itself lives under /tmp, its standard library in the base Python.
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="prime_") as tmp:
+        venv = os.path.join(tmp, "venv")
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--copies", venv], check=True)
+        probe = "import sandbox; print(sandbox.bwrap_problem())"
+        out = subprocess.run([os.path.join(venv, "bin", "python"), "-c", probe], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert out.stdout.strip() == "None", out.stdout + out.stderr
+
+
+def test_bwrap_that_cannot_run_stops_the_program_and_reports_its_own_error(broken_bwrap, tmp_path):
+    assert broken_bwrap in sandbox.bwrap_problem(), sandbox.bwrap_problem()
+    target = tmp_path / "written_outside.txt"
+    program = f"open({str(target)!r}, 'w').write('x')\nprint(3)"
+    result = sandbox.run_tests(program, {"inputs": ["1 2\n"], "outputs": ["3\n"]}, limits("bwrap"))
+    assert result["error"] == "sandbox_error" and broken_bwrap in result["detail"], result
+    assert not target.exists(), "the program ran unconfined"
+    assert "--sandbox rlimit" in sandbox.bwrap_error(sandbox.bwrap_problem()), "the message names the opt-in"
+
+
+def test_missing_bwrap_stops_the_program(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap here
+    monkeypatch.setattr(sandbox, "_PROBE", {})
+    assert sandbox.bwrap_problem() == "bwrap is not installed (no `bwrap` on PATH)"
+    assert verifiers.code_reward("print(3)", ONE_TEST, limits("bwrap")) == (0.0, "sandbox_error")

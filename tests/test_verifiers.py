@@ -148,7 +148,7 @@ def test_unverifiable_sample_raises_an_error_naming_it(sample, needle):
     assert needle in str(e.value), str(e.value)
 
 
-def test_outcome_reward_dispatches_on_ability():
+def test_outcome_reward_dispatches_on_ability(code_mode):
     tests = json.dumps({"inputs": ["1\n", "5\n"], "outputs": ["2\n", "6\n"]})
     for sample, response, expect in [
         (_sample("math", "3"), "\\boxed{3}", (1.0, "correct")),
@@ -157,23 +157,24 @@ def test_outcome_reward_dispatches_on_ability():
         (_sample("code", tests), "I don't know", (0.0, "syntax_error")),
         (_sample("code", tests), "```python\n```", (0.0, "no_answer")),
     ]:
-        got = verifiers.outcome_reward(sample, response)
+        got = verifiers.outcome_reward(sample, response, sandbox.Limits(mode=code_mode))
         assert got == expect, f"{sample['ability']} {response!r}: {got}, expected {expect}"
 
 
-def test_batch_never_raises_and_keeps_order():
+def test_batch_never_raises_and_keeps_order(code_mode):
     tests = json.dumps({"inputs": ["1\n"], "outputs": ["2\n"]})
     samples = [_sample("math", "3"), _sample("code", tests), _sample("poetry", "1"), _sample("math", "3"), _sample("code", tests)]
     responses = ["\\boxed{3}", "```python\nprint(2)\n```", "x", "\\boxed{4}", "```python\nraise ValueError\n```"]
     with pytest.warns(RuntimeWarning, match="verifier failed on sample t#4"):
-        out = verifiers.outcome_rewards(samples, responses, workers=2)
+        out = verifiers.outcome_rewards(samples, responses, sandbox.Limits(mode=code_mode), workers=2)
     assert out == [(1.0, "correct"), (1.0, "correct"), (0.0, "verifier_error"), (0.0, "wrong"), (0.0, "runtime_error")], out
 
 
-def test_batch_matches_one_at_a_time():
+def test_batch_matches_one_at_a_time(code_mode):
     rows = [json.loads(l) for l in open(sandbox.HERE + "/data/code_problems.jsonl")][:4]
     responses = ["```python\n" + r["extra_info"]["reference"] + "\n```" for r in rows] + ["print(0)"] * 4
     rows = rows + rows
-    batch = verifiers.outcome_rewards(rows, responses, workers=3)
-    one = [verifiers.outcome_reward(r, t) for r, t in zip(rows, responses)]
+    lim = sandbox.Limits(mode=code_mode)
+    batch = verifiers.outcome_rewards(rows, responses, lim, workers=3)
+    one = [verifiers.outcome_reward(r, t, lim) for r, t in zip(rows, responses)]
     assert batch == one, (batch, one)
