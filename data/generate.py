@@ -64,17 +64,19 @@ def main():
     ap.add_argument("--n-sft", type=int, default=60000)
     ap.add_argument("--n-rl", type=int, default=20000)
     ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--n-val", type=int, default=200, help="prompts the SFT warm-up checks its progress on")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--name", default="arith")
     args = ap.parse_args()
 
     rng = random.Random(args.seed)
-    seen, splits = set(), {"test": [], "rl": [], "sft": []}
-    sizes = {"test": args.n_test, "rl": args.n_rl, "sft": args.n_sft}
+    seen, splits = set(), {"test": [], "rl": [], "sft": [], "val": []}
+    sizes = {"test": args.n_test, "rl": args.n_rl, "sft": args.n_sft, "val": args.n_val}
     # Held-out prompts first, and no prompt appears in two splits (RL prompts may repeat SFT's
-    # *distribution*, never a held-out prompt).
-    for split in ("test", "rl", "sft"):
+    # *distribution*, never a held-out prompt). The validation split comes last, so adding it left
+    # the other three files as they were.
+    for split in ("test", "rl", "sft", "val"):
         while len(splits[split]) < sizes[split]:
             prompt, solution, answer = make_problem(rng, args.n_ops, args.lo, args.hi, args.op_max)
             if prompt in seen:
