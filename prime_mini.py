@@ -740,7 +740,7 @@ def sft_warmup(cfg, device):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if cfg.sft_target and (s + 1) % cfg.sft_check_every == 0:
+        if cfg.sft_target and ((s + 1) % cfg.sft_check_every == 0 or s + 1 == cfg.sft_steps):
             val_acc = evaluate(model, tok, val_rows, cfg, device, True, "SFT validation")
             model.train()
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_acc:.3f}")
@@ -808,6 +808,61 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc, with_se=False):
     if with_se:
         return per_prompt.mean().item(), (per_prompt.std() / len(per_prompt) ** 0.5).item() if len(per_prompt) > 1 else 0.0
     return per_prompt.mean().item()
+
+
+# Where the embedded default's SFT model lands on the default held-out prompts: the range over the
+# ten SFT models of README "The embedded default" (seeds 0-4 at 1 and 2 threads), widened by 0.03
+# (about two standard errors of a 500-prompt evaluation). The RL defaults were tuned from inside it.
+SFT_BAND = {"acc_before": (0.40, 0.60), "greedy_before": (0.58, 0.80)}
+
+
+def start_report(cfg, ev):
+    """One line on where the SFT model landed relative to SFT_BAND, a warning when it is outside;
+    None when the run does not start from the embedded default's warm-up (the band is its own)."""
+    d = Config()
+    if cfg.model or (cfg.sft_data, cfg.test_data, cfg.eval_n, cfg.eval_samples, cfg.max_new_tokens) != \
+            (d.sft_data, d.test_data, d.eval_n, d.eval_samples, d.max_new_tokens):
+        return None
+    (s_lo, s_hi), (g_lo, g_hi) = SFT_BAND["acc_before"], SFT_BAND["greedy_before"]
+    band = f"sampled {s_lo:.2f}-{s_hi:.2f}, greedy {g_lo:.2f}-{g_hi:.2f}"
+    if s_lo <= ev["acc_before"] <= s_hi and g_lo <= ev["greedy_before"] <= g_hi:
+        return f"the SFT model is inside the band the defaults were tuned for ({band})"
+    return (f"warning: the SFT model (sampled {ev['acc_before']:.3f}, greedy {ev['greedy_before']:.3f}) is outside "
+            f"the band the defaults were tuned for ({band}); RL from here may not gain what the README reports. "
+            "Train another with --retrain-sft (another --sft-seed, or another --sft-target)")
+
+
+def drop_warning(step, acc, ev, history, cfg):
+    """A warning when held-out sampled accuracy `acc` at `step` is below the start by more than the
+    evaluation's noise (two standard errors of the before-RL estimate, at least 0.01), naming the
+    likely causes that this run's logged metrics (`history`: its step dicts so far) point at; None
+    when there is no drop."""
+    noise = max(0.01, 2 * ev.get("acc_before_se", 0.0))
+    if acc >= ev["acc_before"] - noise:
+        return None
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    causes = []
+    ent = [m["entropy"] for m in history if "entropy" in m]
+    if len(ent) >= 10:
+        first, last = mean(ent[:5]), mean(ent[-5:])
+        if last < 0.5 * first or last > 2 * first:
+            causes.append(f"the policy's entropy went from {first:.3f} to {last:.3f} nats per token: a smaller "
+                          "--lr-policy moves it more slowly")
+    steered = [m["prm_acc_fresh"] for m in history[-10:] if m.get("process_on")]
+    if steered and mean(steered) < 0.5:
+        causes.append(f"the PRM ranks fresh samples below chance ({mean(steered):.2f}) while its rewards steer the "
+                      "policy: --prm-gate 0.55 turns them off until it ranks better, --reward-mode outcome drops them")
+    kept = [m["kept"] for m in history[-10:]]
+    if kept and mean(kept) < 0.5 * cfg.P:
+        causes.append(f"only {mean(kept):.0f} of {cfg.P} prompts per step pass the filter: the model is too weak or "
+                      "too strong for --filter-low/--filter-high")
+    start = start_report(cfg, ev)
+    if start and start.startswith("warning"):
+        causes.append("the SFT model started outside the band the defaults were tuned for")
+    return (f"warning: held-out sampled accuracy at step {step} is {acc:.3f}, {ev['acc_before'] - acc:.3f} below the "
+            f"start ({ev['acc_before']:.3f}; noise ±{noise:.3f}). "
+            + ("Likely: " + "; ".join(causes) if causes else "No logged metric points at a cause; a smaller "
+               "--lr-policy is the first thing to try") + ".")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1142,9 +1197,14 @@ def run(cfg):
         print(f"resuming from {ckpt} (step {start}); metrics after step {start} are re-done")
     else:
         start = 0
-        ev = {"acc_before": evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL"),
+        acc, se = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL", with_se=True)
+        ev = {"acc_before": acc, "acc_before_se": se,
               "greedy_before": evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) before RL")}
     print(f"before RL: held-out accuracy sampled {ev['acc_before']:.3f} | greedy {ev['greedy_before']:.3f}")
+    report = start_report(cfg, ev)
+    if report:
+        print(report)
+    history = []  # this process's step metrics, for drop_warning
     log, close_log = make_logger(cfg, run_dir, start)
 
     use_prm = cfg.reward_mode == "prime"
@@ -1205,6 +1265,10 @@ def run(cfg):
                 m["eval_acc"] = evaluate(model, tok, test_rows, cfg, device, False, f"eval step {step}")
             m["t_step"] = time.time() - t0
             tqdm.write(fmt_step(step, cfg, m))
+        history.append(m)
+        warning = drop_warning(step, m["eval_acc"], ev, history, cfg) if "eval_acc" in m else None
+        if warning:
+            tqdm.write(warning)
         log(m)
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
             save_checkpoint(run_dir, step, model, opt_policy, opt_prm,
@@ -1229,6 +1293,9 @@ def run(cfg):
     print(f"  before RL (SFT model)        {acc_before:.3f}                    {greedy_before:.3f}")
     print(f"  after RL ({cfg.reward_mode}, {cfg.steps} steps)   {acc_after:.3f}                    {greedy_after:.3f}")
     print(f"  change                       {acc_after - acc_before:+.3f}                   {greedy_after - greedy_before:+.3f}")
+    warning = drop_warning(cfg.steps, acc_after, ev, history, cfg)
+    if warning:
+        print(warning)
     print(f"wall time {summary['wall_time_s']:.0f}s; outputs in {run_dir}")
     return summary, run_dir
 

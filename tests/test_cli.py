@@ -52,7 +52,7 @@ def test_help_lists_every_flag(capsys):
     for f in pm.dataclasses.fields(pm.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     flat = " ".join(out.split())  # argparse wraps lines
-    assert "cosine to 10%)" in flat and "β in r_φ = β log π_φ/π_ref" in flat
+    assert "then constant: the stopping step is not known in advance)" in flat and "β in r_φ = β log π_φ/π_ref" in flat
 
 
 def test_every_config_field_has_help_text():

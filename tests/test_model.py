@@ -285,3 +285,54 @@ def test_merged_copy_gives_the_policys_logits_and_leaves_the_adapters_untouched(
         assert torch.allclose(pm.merged_copy(model)(input_ids=ids).logits, ref, atol=1e-6), "disabled = π_ref"
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before), "model unchanged"
+
+
+@pytest.mark.parametrize("target, checks, steps", [(0.5, [0.1, 0.3, 0.49, 0.55, 0.9], 20), (0.0, [], 12)])
+def test_sft_warmup_stops_at_the_first_validation_check_that_reaches_the_target(tmp_path, monkeypatch, target, checks, steps):
+    """Checks every 5 steps: 0.1, 0.3, 0.49 are below 0.5, so the warm-up stops after the 4th
+    check (step 20, 0.55); with no target it trains all --sft-steps and never evaluates."""
+    cfg = tiny_cfg(tiny_layers=1, sft_steps=12 if not target else 40, sft_batch=4, sft_check_every=5, sft_target=target,
+                   out_dir=str(tmp_path))
+    values, seen = iter(checks), []
+
+    def fake_evaluate(model, tok_, rows, cfg_, device, greedy, desc, with_se=False):
+        assert greedy and rows[0]["extra_info"]["split"] == "val", "the stopping rule uses greedy accuracy on the val split"
+        seen.append(model.training)
+        return next(values)
+    monkeypatch.setattr(pm, "evaluate", fake_evaluate)
+    path = pm.sft_warmup(cfg, "cpu")
+    info = pm.json.load(open(pm.os.path.join(path, "done")))
+    assert info["steps"] == steps
+    assert len(seen) == (4 if target else 0)
+    assert info["val_greedy"] == (0.55 if target else None)
+
+
+def test_sft_cache_key_changes_with_the_stopping_rule():
+    keys = {pm.sft_key(tiny_cfg(sft_target=t, sft_check_every=c)) for t, c in [(0.6, 25), (0.5, 25), (0.6, 10), (0.0, 25)]}
+    assert len(keys) == 4
+
+
+def test_drop_warning_only_beyond_the_noise_and_names_the_causes_the_metrics_show():
+    cfg = tiny_cfg(P=32)
+    ev = {"acc_before": 0.50, "acc_before_se": 0.01, "greedy_before": 0.65}  # noise = 2 se = 0.02
+    calm = [{"step": i, "entropy": 0.10, "kept": 32, "process_on": True, "prm_acc_fresh": 0.55} for i in range(20)]
+    assert pm.drop_warning(20, 0.481, ev, calm, cfg) is None  # 0.019 below: inside the noise
+    w = pm.drop_warning(20, 0.47, ev, calm, cfg)
+    assert "0.030 below the start" in w and "noise ±0.020" in w and "No logged metric points at a cause" in w
+    collapsed = [dict(m, entropy=0.10 if i < 5 else 0.04) for i, m in enumerate(calm)]
+    assert "entropy went from 0.100 to 0.040" in pm.drop_warning(20, 0.40, ev, collapsed, cfg)
+    hacked = [dict(m, prm_acc_fresh=0.35) for m in calm]
+    w = pm.drop_warning(20, 0.40, ev, hacked, cfg)
+    assert "PRM ranks fresh samples below chance (0.35)" in w and "entropy" not in w
+    starved = [dict(m, kept=10) for m in calm]
+    assert "only 10 of 32 prompts per step pass the filter" in pm.drop_warning(20, 0.40, ev, starved, cfg)
+
+
+def test_start_report_says_inside_or_warns_outside_the_band_of_the_embedded_default():
+    lo, hi = pm.SFT_BAND["acc_before"]
+    glo, ghi = pm.SFT_BAND["greedy_before"]
+    inside = {"acc_before": (lo + hi) / 2, "greedy_before": (glo + ghi) / 2}
+    assert pm.start_report(pm.Config(), inside).startswith("the SFT model is inside the band")
+    assert pm.start_report(pm.Config(), dict(inside, acc_before=lo - 0.01)).startswith("warning: the SFT model")
+    assert pm.start_report(pm.Config(), dict(inside, greedy_before=ghi + 0.01)).startswith("warning: the SFT model")
+    assert pm.start_report(pm.Config(model="some/model"), inside) is None  # the band belongs to the tiny default
