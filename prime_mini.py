@@ -52,6 +52,7 @@ import random
 import re
 import sys
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -112,22 +113,23 @@ class Config:
     filter_low: float = 0.2  # keep a prompt iff filter_low <= its accuracy (paper §3.3: 0.2)
     filter_high: float = 0.8  # ... and its accuracy <= filter_high (paper §3.3: 0.8)
     max_rollout_rounds: int = 8  # rounds of generation per step to fill P kept prompts
-    merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, ~40% faster rollout; one more copy of the base in memory)
+    merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, 21% faster generate() on the CPU; one more copy of the base in memory)
     gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
     # implicit PRM (paper §3.1, §4.1; spec §2-3)
     reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline)
     beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
-    prm_update: str = "double"  # single | double | none (spec §3.4; [O]/paper: single, [R]: double; README)
+    prm_update: str = "double"  # single | double | none = never updated (spec §3.4; [O]/paper: single, [R]: double; README)
+    prm_init: str = ""  # start π_φ from this PRM adapter (a finished run's RUN/adapters/prm) instead of zero; with --prm-update none it stays frozen: the paper's offline PRM (paper §5.1)
     ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; spec §7)
     prm_lora_r: int = 8  # LoRA rank of the PRM adapter
     lr_prm: float = 3e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more; README)
-    prm_minibatches: int = 4  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256)
+    prm_minibatches: int = 4  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256); fewer when fewer groups are kept
     prm_grad_clip: float = 10.0  # PRM grad-norm clip (spec §3.3: 10)
     prm_warmup: int = 10  # steps the PRM trains before its rewards enter the advantage ([O]: 0; README)
     prm_gate: float = 0.0  # use process rewards only while the PRM's fresh ranking accuracy (EMA) >= this ([O]: 0 = always)
     # advantages (paper Eq. 4-5; spec §4)
     adv_estimator: str = "rloo"  # rloo | grpo | reinforce (paper Eq. 5, 7, 8)
-    prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees β·q, as veRL)
+    prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees process_coef·β·q, as veRL)
     process_coef: float = 0.5  # weight of process vs outcome returns ([O]: 1:1; README)
     gamma_process: float = 1.0  # discount of process returns (spec §4.2: 1.0)
     gamma_outcome: float = 1.0  # discount of outcome returns (spec §4.2: 1.0)
@@ -139,7 +141,7 @@ class Config:
     lr_policy: float = 1e-3  # policy learning rate (paper 5e-7 is full fine-tuning; calibrated for LoRA)
     wd_policy: float = 0.01  # AdamW weight decay of the policy (veRL default 0.01)
     policy_grad_clip: float = 1.0  # policy grad-norm clip (spec §5: 1.0)
-    policy_minibatches: int = 1  # policy optimizer steps per iteration (paper: 4)
+    policy_minibatches: int = 1  # policy optimizer steps per iteration (paper: 4); fewer when fewer groups are kept
     eps_clip: float = 0.2  # ε of PPO-clip (spec §5: 0.2)
     loss_agg: str = "seq-mean-token-mean"  # seq-mean-token-mean ([O]) | token-mean ([R])
     micro_batch: int = 128  # rows per forward/backward; gradient accumulation over micro-batches
@@ -210,7 +212,9 @@ def _field_help():
 def parse_config(argv=None):
     """Build the Config from command-line flags generated from the dataclass, then validate it."""
     import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # allow_abbrev=False: argparse would otherwise take `--process-co` for --process-coef, and a
+    # preset or --faithful would then override a flag the user did give (it looks absent).
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help()
     for f in dataclasses.fields(Config):
@@ -233,6 +237,10 @@ def parse_config(argv=None):
                 if k not in explicit:
                     setattr(cfg, k, v)
     validate(cfg)
+    if cfg.reward_mode == "prime" and cfg.prm_update == "none" and not cfg.prm_init:
+        warnings.warn("--prm-update none without --prm-init: the PRM stays at zero, so every process reward is "
+                      "exactly 0 (outcome-only RLOO plus unused PRM forwards); the paper's offline-PRM ablation "
+                      "freezes a trained PRM: --prm-init RUN/adapters/prm", RuntimeWarning)
     if cfg.preset != "tiny" and not cfg.plan_memory:
         rows, total, info = models.plan_memory(arch_config(cfg), cfg)
         if not models.fits(total, cfg.gpu_memory_gb):
@@ -243,7 +251,8 @@ def parse_config(argv=None):
 
 
 def _explicit_fields(argv):
-    """The Config fields named on the command line (`--no-x` names `x`)."""
+    """The Config fields named on the command line (`--no-x` names `x`). Names are whole: the
+    parser refuses abbreviated flags."""
     names = {f.name for f in dataclasses.fields(Config)}
     out = set()
     for a in argv:
@@ -258,23 +267,45 @@ def _explicit_fields(argv):
 RESUME_FIELDS = ("resume", "steps", "save_every", "threads", "device", "show_progress")
 
 
-def saved_config(run_dir, flag):
-    """(Config, the raw dict) from a run directory's config.json; `flag` names the option in errors."""
+# Keys of config.json that are not Config fields: what `run` found (the SFT model's folder, the device).
+RECORD_KEYS = ("base_path", "device_used")
+
+
+def saved_config(run_dir, flag, strict=True):
+    """(Config, the raw dict) from a run directory's config.json; `flag` names the option in errors.
+
+    A config.json written by another version of this file can lack a field (today's default would
+    silently stand in for the value the run used) or hold a key that is no longer a field (an
+    option removed or renamed): `strict` refuses both, naming them; otherwise a warning names them.
+    """
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{flag}{path} not found: not a run directory")
     saved = json.load(open(path))
-    return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved}), saved
+    names = [f.name for f in dataclasses.fields(Config)]
+    missing = [n for n in names if n not in saved]
+    unknown = [k for k in saved if k not in names and k not in RECORD_KEYS]
+    problems = []
+    if missing:
+        problems.append(f"it lacks {', '.join(missing)} (today's defaults would stand in for what the run used)")
+    if unknown:
+        problems.append(f"it has {', '.join(unknown)}, which this version does not know")
+    if problems:
+        msg = f"{flag}{path} was written by another version of prime_mini.py: {'; '.join(problems)}"
+        if strict:
+            raise ConfigError(msg + "; add or remove those keys by hand with the values the run used, or start a new run")
+        warnings.warn(msg, RuntimeWarning)
+    return Config(**{n: saved[n] for n in names if n in saved}), saved
 
 
 def resumed_config(cfg, explicit):
     """The Config of the run in `cfg.resume` (its config.json), with the few resumable overrides."""
-    new, _ = saved_config(cfg.resume, "--resume: ")
     other = sorted(explicit - set(RESUME_FIELDS))
     if other:
         raise ConfigError(f"--resume continues a run with its saved config.json; only "
                           f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FIELDS[1:])} may be given, "
                           f"not --{other[0].replace('_', '-')}")
+    new, _ = saved_config(cfg.resume, "--resume: ")
     for k in RESUME_FIELDS:
         if k in explicit or k == "resume":
             setattr(new, k, getattr(cfg, k))
@@ -317,15 +348,6 @@ def validate(cfg):
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
     if cfg.steps and cfg.temperature <= 0:
         bad("temperature", f"must be > 0 for sampling, got {cfg.temperature}")
-    B = cfg.P * cfg.K
-    for name in ("prm_minibatches", "policy_minibatches"):
-        n = getattr(cfg, name)
-        if B % n:
-            bad(name, f"{n} does not divide the batch of P*K = {cfg.P}*{cfg.K} = {B} responses")
-        if (B // n) % cfg.K:
-            bad(name, f"mini-batches of {B // n} responses would split groups of K={cfg.K}")
-        if (B // n) % cfg.micro_batch and cfg.micro_batch < B // n:
-            bad("micro_batch", f"{cfg.micro_batch} does not divide the {name.split('_')[0]} mini-batch of {B // n} responses")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
@@ -339,6 +361,8 @@ def validate(cfg):
         models.check_model_source(cfg.model)
     if cfg.load_in_4bit and not models.bitsandbytes_available():
         bad("load_in_4bit", "needs bitsandbytes (pip install bitsandbytes; version 0.45 or later also runs NF4 on the CPU)")
+    if cfg.prm_init:
+        check_prm_init(cfg)
     if cfg.plan_memory:
         return  # the planner reads no data
     for path in cfg.data.split(",") + [cfg.test_data] + ([] if cfg.model else [cfg.sft_data]):
@@ -350,6 +374,21 @@ def validate(cfg):
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
             bad("wandb_project", "wandb is not installed (pip install wandb), or leave the flag out")
+
+
+def check_prm_init(cfg):
+    """--prm-init must be a PRM adapter that fits this run's PRM: peft's folder, same rank and alpha."""
+    path = os.path.join(cfg.prm_init, "adapter_config.json")
+    if cfg.reward_mode != "prime":
+        raise ConfigError(f"--prm-init: --reward-mode {cfg.reward_mode} has no PRM to start from it")
+    if not os.path.exists(path):
+        raise ConfigError(f"--prm-init: {path} not found (give a saved adapter folder such as RUN/adapters/prm)")
+    saved = json.load(open(path))
+    want = {"r": cfg.prm_lora_r, "lora_alpha": int(cfg.lora_alpha_ratio * cfg.prm_lora_r)}
+    for key, value in want.items():
+        if saved.get(key) != value:
+            raise ConfigError(f"--prm-init: the adapter has {key} = {saved.get(key)}, this run's PRM {value} "
+                              "(set --prm-lora-r and --lora-alpha-ratio as the run that trained it)")
 
 
 def resolve(path):
@@ -491,13 +530,23 @@ def encode_prompts(tok, texts, device):
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-def response_mask(resp, eos_id):
-    """1 on valid response tokens: up to and including the first EOS (spec §8, `get_eos_mask`).
+def end_tokens(model, tok):
+    """Every token id that ends a response: the tokenizer's EOS and each EOS of the model's
+    generation config (Qwen2.5-Instruct ends a turn with <|im_end|> or <|endoftext|>)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    return sorted({i for i in [tok.eos_token_id, *ids] if i is not None})
 
-    Everything after the first EOS is padding from `generate`; a pad token sampled *before* it is
-    a real (if odd) token and stays valid.
+
+def response_mask(resp, eos_ids):
+    """1 on valid response tokens: up to and including the first end token (spec §8).
+
+    `eos_ids`: one id or a list (`end_tokens`). Everything after the first end token is padding
+    from `generate`, even when the pad token is itself an end token (SmolLM2, Qwen); a pad token
+    sampled *before* it is a real (if odd) token and stays valid.
     """
-    is_eos = (resp == eos_id).int()  # (B, T)
+    eos = torch.as_tensor(eos_ids, device=resp.device).flatten()  # (n_eos,)
+    is_eos = torch.isin(resp, eos).int()  # (B, T)
     after_eos = (is_eos.cumsum(1) - is_eos) > 0  # (B, T) strictly after the first EOS
     return (~after_eos).to(torch.float32)  # (B, T)
 
@@ -510,8 +559,8 @@ def merged_copy(model):
     """A plain copy of the base (no LoRA layers) whose linear weights are W + s·B·A of the active
     adapter: the same π_θ up to float rounding, built once per model and refreshed on each call
     (a copy of the weights, microseconds for the tiny model). Sampling with it skips peft's
-    per-layer Python work and the two extra LoRA matmuls at every new token: ~40% of the rollout
-    time on CPU (BENCHMARKS.md). The adapters, the base and π_ref are left untouched. Returns the
+    per-layer Python work and the two extra LoRA matmuls at every new token: 21% less time per
+    `generate` call on the CPU (BENCHMARKS.md). The adapters, the base and π_ref are left untouched. Returns the
     model itself when there is nothing to merge or a base layer is not a plain nn.Linear (4-bit)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -546,6 +595,7 @@ def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, g
     `merged`: sample from merged_copy(model), the same policy without LoRA's per-token overhead."""
     models.set_train_mode(model, False)  # no checkpointing while generating: it would drop the cache
     sampler = merged_copy(model) if merged else model
+    eos = end_tokens(model, tok)  # all of them: one id alone would override the model's own list
     resps = []
     n = batch_size or prompt_ids.shape[0]
     for i in range(0, prompt_ids.shape[0], n):
@@ -553,10 +603,10 @@ def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, g
                                max_new_tokens=max_new_tokens, do_sample=not greedy,
                                temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
                                top_p=1.0 if not greedy else None, pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id, use_cache=True)
+                               eos_token_id=eos, use_cache=True)
         resps.append(out[:, prompt_ids.shape[1]:])  # (n, T_i)
     resp = pad_cat(resps, left=False, value=tok.pad_token_id)  # (B, T)
-    return resp, response_mask(resp, tok.eos_token_id)
+    return resp, response_mask(resp, eos)
 
 
 def decode_responses(tok, resp, mask):
@@ -839,6 +889,23 @@ def collect(model, tok, cfg, train_rows, stream, buffer, device):
     return batch, stats
 
 
+def minibatches(n_groups, K, n):
+    """Row ranges (start, end) of min(n, n_groups) mini-batches of whole groups, in order.
+
+    The filter can keep fewer groups than asked for, or a number that `n` does not divide: the
+    groups are dealt out as evenly as possible (sizes differ by at most one group), so no
+    mini-batch is empty and a step never makes more than `n` optimizer steps.
+    Example: minibatches(5, K=2, n=4) -> [(0, 4), (4, 6), (6, 8), (8, 10)]   (2, 1, 1, 1 groups)
+    """
+    n = min(n, n_groups)
+    bounds, g = [], 0
+    for k in range(n):
+        size = n_groups // n + (1 if k < n_groups % n else 0)  # groups in mini-batch k
+        bounds.append((g * K, (g + size) * K))
+        g += size
+    return bounds
+
+
 def prm_step(model, batch, logp_ref, cfg, opt_prm):
     """Blocks 4-5: implicit rewards q from the PRM, then its cross-entropy update (spec §3).
 
@@ -850,19 +917,18 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm):
     """
     model.set_adapter("prm")  # the PRM adapter is active and trainable, the policy's is frozen
     B, K, micro = batch.B, cfg.K, cfg.micro_batch
-    mb = B // cfg.prm_minibatches
     qs, losses = [], []
-    for m0 in range(0, B, mb):  # mini-batches in order, not shuffled ([O])
+    for m0, m1 in minibatches(B // K, K, cfg.prm_minibatches):  # in order, not shuffled ([O])
         if cfg.prm_update != "none":
             opt_prm.zero_grad(set_to_none=True)
-        for i in range(m0, m0 + mb, micro):
-            j = min(i + micro, m0 + mb)
+        for i in range(m0, m1, micro):
+            j = min(i + micro, m1)
             with torch.set_grad_enabled(cfg.prm_update != "none"):
                 logp_phi = token_logprobs(model, *batch.slice(i, j), chunk=cfg.logprob_chunk)  # (b, T)
                 q = prm.implicit_rewards(logp_phi, logp_ref[i:j], batch.mask[i:j])  # (b, T)
                 loss = prm.ce_loss(q, batch.r_o[i:j], batch.mask[i:j], cfg.beta)
             if cfg.prm_update != "none":
-                (loss * (j - i) / mb).backward()  # mean over the mini-batch
+                (loss * (j - i) / (m1 - m0)).backward()  # by its share of the mini-batch: the mini-batch's mean
             qs.append(q.detach())
             losses.append(loss.item() * (j - i) / B)
         if cfg.prm_update != "none":
@@ -910,23 +976,25 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
     assert logp_old is not None or cfg.policy_minibatches == 1, "logp_old is needed with several mini-batches"
     model.set_adapter("policy")
     B, micro = batch.B, cfg.micro_batch
-    mb = B // cfg.policy_minibatches
     groups = torch.randperm(B // cfg.K, generator=gen)  # shuffle whole groups
     order = (groups.view(-1, 1) * cfg.K + torch.arange(cfg.K)).flatten()
+    splits = minibatches(B // cfg.K, cfg.K, cfg.policy_minibatches)
     stats = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
-    for m0 in range(0, B, mb):
-        idx = order[m0:m0 + mb]
+    for m0, m1 in splits:
+        idx = order[m0:m1]
         n_tok = batch.mask[idx].sum()
         opt_policy.zero_grad(set_to_none=True)
-        for i in range(0, mb, micro):
+        for i in range(0, len(idx), micro):
             sub = idx[i:i + micro]
             logp = token_logprobs(model, batch.prompt_ids[sub], batch.prompt_mask[sub], batch.resp[sub], batch.mask[sub],
                                   chunk=cfg.logprob_chunk)
             old = logp.detach() if logp_old is None else logp_old[sub]
             loss, st = rl.ppo_clip_loss(logp, old, A[sub], batch.mask[sub], cfg.eps_clip, cfg.loss_agg)
-            w = len(sub) / mb if cfg.loss_agg == "seq-mean-token-mean" else (batch.mask[sub].sum() / n_tok).item()
+            # Each micro-batch by its share of its own mini-batch (rows, or valid tokens for
+            # token-mean), so the summed gradient is that of the mini-batch's loss in one piece.
+            w = len(sub) / len(idx) if cfg.loss_agg == "seq-mean-token-mean" else (batch.mask[sub].sum() / n_tok).item()
             (loss * w).backward()
-            stats["pg_loss"] += loss.item() * w / cfg.policy_minibatches
+            stats["pg_loss"] += loss.item() * w / len(splits)
             stats["clipfrac"] += st["clipfrac"] * len(sub) / B
             stats["approx_kl"] += st["approx_kl"] * len(sub) / B
         torch.nn.utils.clip_grad_norm_(opt_policy.param_groups[0]["params"], cfg.policy_grad_clip)
@@ -974,11 +1042,38 @@ def save_checkpoint(run_dir, step, model, opt_policy, opt_prm, state):
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
 
 
-def load_adapters(model, folder):
-    """Load the `policy` and `prm` adapter weights saved by `save_pretrained` into `model`."""
+def load_adapter(model, folder, name):
+    """Load adapter weights saved by `save_pretrained` (`folder` holds adapter_model.safetensors)
+    into `model`'s adapter `name`. Every LoRA tensor of that adapter must be in the file and every
+    tensor of the file must find its place: peft alone loads a partial match without a word."""
     from peft import load_peft_weights, set_peft_model_state_dict
+    try:
+        result = set_peft_model_state_dict(model, load_peft_weights(folder), adapter_name=name)
+    except RuntimeError as e:  # a shape mismatch: another rank, or another base
+        raise ConfigError(f"{folder}: does not fit the {name} adapter ({str(e).splitlines()[-1].strip()[:300]})") from None
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"{folder}: does not fit the {name} adapter: {len(missing)} of its tensors are not in the "
+                          f"file (e.g. {missing[:1]}), {len(result.unexpected_keys)} of the file's have no place "
+                          f"(e.g. {result.unexpected_keys[:1]}): other LoRA targets, or another base")
+
+
+def load_adapters(model, folder):
+    """Load the `policy` and `prm` adapters saved by `model.save_pretrained(folder)`."""
     for name in ("policy", "prm"):
-        set_peft_model_state_dict(model, load_peft_weights(os.path.join(folder, name)), adapter_name=name)
+        load_adapter(model, os.path.join(folder, name), name)
+
+
+def load_prm_init(model, cfg, base_path):
+    """--prm-init: π_φ starts from a PRM adapter trained by another run (the paper's offline PRM
+    when --prm-update none keeps it frozen). Its scores mean something only on the base it was
+    trained with: a warning says when the adapter names another one."""
+    trained_on = json.load(open(os.path.join(cfg.prm_init, "adapter_config.json"))).get("base_model_name_or_path")
+    if trained_on and os.path.abspath(trained_on) != os.path.abspath(base_path):
+        warnings.warn(f"--prm-init: {cfg.prm_init} was trained on {trained_on}, this run's base is {base_path}",
+                      RuntimeWarning)
+    load_adapter(model, cfg.prm_init, "prm")
+    print(f"PRM: starting from {cfg.prm_init}{' (frozen: --prm-update none)' if cfg.prm_update == 'none' else ''}")
 
 
 def load_checkpoint(path, model, opt_policy, opt_prm):
@@ -997,15 +1092,19 @@ def load_checkpoint(path, model, opt_policy, opt_prm):
 def open_metrics(run_dir, last_step):
     """metrics.jsonl for appending, cut back to `last_step` (a resumed run re-does later steps)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    keep = []
+    keep, unreadable = [], 0
     if last_step and os.path.exists(path):
         for line in open(path):
             try:
                 m = json.loads(line)
             except json.JSONDecodeError:
-                break  # a line cut short by the kill
+                unreadable += 1  # a line cut short by the kill: skip it, and only it
+                continue
             if m["step"] <= last_step:
                 keep.append(json.dumps(m) + "\n")
+    if unreadable:
+        warnings.warn(f"{path}: skipped {unreadable} unreadable line(s) (a kill leaves its last line half-written)",
+                      RuntimeWarning)
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -1022,7 +1121,8 @@ def make_logger(cfg, run_dir, last_step):
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(run_dir, purge_step=last_step + 1)  # drop events of re-done steps
         except ImportError:
-            pass  # tensorboard is optional
+            warnings.warn("--tensorboard: tensorboard is not installed, so no event files are written "
+                          "(pip install tensorboard, or --no-tensorboard)", RuntimeWarning)
     if cfg.wandb_project:
         import wandb
         wb = wandb.init(project=cfg.wandb_project, name=os.path.basename(run_dir), id=os.path.basename(run_dir),
@@ -1056,14 +1156,17 @@ def run(cfg):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     # Read and check all data before building anything expensive.
     train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
-    test_rows = load_rows(cfg.test_data)[: cfg.eval_n or None]
+    test_rows = load_rows(cfg.test_data)
 
     rng = torch.get_rng_state()  # SFT seeds its own RNG: a cold run must draw what a cached one does
     base_path = cfg.model if cfg.model else sft_warmup(cfg, device)
     torch.set_rng_state(rng)
     base, tok = load_base(base_path, device, cfg)
     train_rows = drop_long_prompts(train_rows, tok, cfg.max_prompt_len, cfg.data)
+    test_rows = drop_long_prompts(test_rows, tok, cfg.max_prompt_len, cfg.test_data)[: cfg.eval_n or None]
     model = add_adapters(base, cfg)
+    if cfg.prm_init and not cfg.resume:  # a trained π_φ (a resumed run loads its checkpoint's)
+        load_prm_init(model, cfg, base_path)
     opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
     opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # spec §3.3
 
