@@ -19,7 +19,9 @@ base with adapters disabled is the reference π_ref. Both adapters start at zero
 Run:  python prime_mini.py                 # tiny model, embedded task, CPU, a few minutes
       python prime_mini.py --help          # every Config field as a flag
       python prime_mini.py --preset qwen2.5-math-7b --plan-memory   # 7B in 4-bit: will it fit?
-Loading real models (4-bit), the adapters and the memory planner live in models.py.
+Loading real models (4-bit), the adapters and the memory planner live in models.py. The algorithm,
+formula by formula with the paper's equations and where the paper's code differs, is written
+down in docs/ALGORITHM.md (cited below as ALGORITHM.md §N).
 
 Paper symbol → variable → Config field
     π_θ (policy)              adapter "policy"        lora_r, lr_policy
@@ -33,7 +35,7 @@ Paper symbol → variable → Config field
     ε (PPO clip)              eps_clip                eps_clip
 
 Departures from the paper's code [O], each an option; `--faithful` restores [O] in one flag:
-    1. LoRA adapters on one frozen base instead of three full models (spec §14); LoRA needs far
+    1. LoRA adapters on one frozen base instead of three full models (ALGORITHM.md §11); LoRA needs far
        larger learning rates than the paper's 5e-7 / 1e-6 full fine-tuning rates.
     2. Double-forward PRM rewards (`prm_update`, [R]'s default; [O]: single-forward), a PRM that
        learns 3x faster than the policy (`lr_prm`; [O]: 2x), half weight on process returns
@@ -91,7 +93,7 @@ class Config:
     preset: str = "tiny"  # tiny | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes that fit a 24 GB GPU (README); explicit flags win
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, double quantization), gradient checkpointing on
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (always on with --load-in-4bit)
-    max_prompt_len: int = 1024  # prompts longer than this many tokens are dropped and counted (spec §8: 1024)
+    max_prompt_len: int = 1024  # prompts longer than this many tokens are dropped and counted (ALGORITHM.md §8: 1024)
     plan_memory: bool = False  # print the estimated peak GPU memory by component for this config and exit (loads no weights)
     gpu_memory_gb: float = 24.0  # GPU memory the planner checks against; a preset that does not fit stops the run
     tiny_hidden: int = 128  # tiny Qwen2: hidden size (0.8M parameters in all: learns the task in ~3 CPU min)
@@ -104,45 +106,45 @@ class Config:
     sft_lr: float = 3e-3  # peak learning rate (AdamW, 50-step warm-up, cosine to 10%)
     sft_seed: int = 0  # seed of the SFT run (shared by RL seeds, so they start from one model)
     retrain_sft: bool = False  # retrain the SFT model even if a cached one exists
-    # RL: rollout and filter (paper §3.3, §4.1; spec §6, §8)
+    # RL: rollout and filter (paper §3.3, §4.1; ALGORITHM.md §6, §8)
     steps: int = 120  # RL steps (paper: 240 for Table 1, 592 for the release)
     P: int = 32  # prompts kept per step (paper: 256; 32 keeps a CPU step near 2 s)
     K: int = 4  # samples per prompt (paper §4.1: 4)
-    temperature: float = 1.0  # sampling temperature of rollouts (spec §8: 1.0, top_p 1, no top_k)
+    temperature: float = 1.0  # sampling temperature of rollouts (ALGORITHM.md §8: 1.0, top_p 1, no top_k)
     max_new_tokens: int = 64  # longest response (paper: 3072)
     filter_low: float = 0.2  # keep a prompt iff filter_low <= its accuracy (paper §3.3: 0.2)
     filter_high: float = 0.8  # ... and its accuracy <= filter_high (paper §3.3: 0.8)
     max_rollout_rounds: int = 8  # rounds of generation per step to fill P kept prompts
     merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, 21% faster generate() on the CPU; one more copy of the base in memory)
     gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
-    # implicit PRM (paper §3.1, §4.1; spec §2-3)
+    # implicit PRM (paper §3.1, §4.1; ALGORITHM.md §2-3)
     reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline)
     beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
-    prm_update: str = "double"  # single | double | none = never updated (spec §3.4; [O]/paper: single, [R]: double; README)
+    prm_update: str = "double"  # single | double | none = never updated (ALGORITHM.md §3.4; [O]/paper: single, [R]: double; README)
     prm_init: str = ""  # start π_φ from this PRM adapter (a finished run's RUN/adapters/prm) instead of zero; with --prm-update none it stays frozen: the paper's offline PRM (paper §5.1)
-    ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; spec §7)
+    ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; ALGORITHM.md §7)
     prm_lora_r: int = 8  # LoRA rank of the PRM adapter
     lr_prm: float = 3e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more; README)
     prm_minibatches: int = 4  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256); fewer when fewer groups are kept
-    prm_grad_clip: float = 10.0  # PRM grad-norm clip (spec §3.3: 10)
+    prm_grad_clip: float = 10.0  # PRM grad-norm clip (ALGORITHM.md §3.3: 10)
     prm_warmup: int = 10  # steps the PRM trains before its rewards enter the advantage ([O]: 0; README)
     prm_gate: float = 0.0  # use process rewards only while the PRM's fresh ranking accuracy (EMA) >= this ([O]: 0 = always)
-    # advantages (paper Eq. 4-5; spec §4)
+    # advantages (paper Eq. 4-5; ALGORITHM.md §4)
     adv_estimator: str = "rloo"  # rloo | grpo | reinforce (paper Eq. 5, 7, 8)
     prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees process_coef·β·q, as veRL)
     process_coef: float = 0.5  # weight of process vs outcome returns ([O]: 1:1; README)
-    gamma_process: float = 1.0  # discount of process returns (spec §4.2: 1.0)
-    gamma_outcome: float = 1.0  # discount of outcome returns (spec §4.2: 1.0)
-    # policy (paper §4.1; spec §5)
+    gamma_process: float = 1.0  # discount of process returns (ALGORITHM.md §4.2: 1.0)
+    gamma_outcome: float = 1.0  # discount of outcome returns (ALGORITHM.md §4.2: 1.0)
+    # policy (paper §4.1; ALGORITHM.md §5)
     lora_r: int = 8  # LoRA rank of the policy adapter
     lora_alpha_ratio: float = 2.0  # LoRA alpha = ratio × rank, for both adapters
     lora_targets: str = "all-linear"  # modules that get LoRA: all-linear, or names such as q_proj,v_proj
     lora_dropout: float = 0.0  # dropout on the LoRA input of both adapters (0: logp_old equals logp exactly)
     lr_policy: float = 1e-3  # policy learning rate (paper 5e-7 is full fine-tuning; calibrated for LoRA)
     wd_policy: float = 0.01  # AdamW weight decay of the policy (veRL default 0.01)
-    policy_grad_clip: float = 1.0  # policy grad-norm clip (spec §5: 1.0)
+    policy_grad_clip: float = 1.0  # policy grad-norm clip (ALGORITHM.md §5: 1.0)
     policy_minibatches: int = 1  # policy optimizer steps per iteration (paper: 4); fewer when fewer groups are kept
-    eps_clip: float = 0.2  # ε of PPO-clip (spec §5: 0.2)
+    eps_clip: float = 0.2  # ε of PPO-clip (ALGORITHM.md §5: 0.2)
     loss_agg: str = "seq-mean-token-mean"  # seq-mean-token-mean ([O]) | token-mean ([R])
     micro_batch: int = 128  # rows per forward/backward; gradient accumulation over micro-batches
     logprob_chunk: int = 8192  # response tokens per output-head chunk: bounds the fp32 (tokens, V) logits
@@ -171,7 +173,7 @@ CHOICES = {
     "preset": ("tiny", "qwen2.5-0.5b", "qwen2.5-math-7b"),
 }
 
-# The paper's code [O] (spec §14), for the algorithmic fields the tiny default changes. Learning
+# The paper's code [O] (ALGORITHM.md §11), for the algorithmic fields the tiny default changes. Learning
 # rates stay LoRA-sized; [O]'s PRM:policy ratio (1e-6 : 5e-7) is kept. [O] makes 4 PRM and 4
 # policy optimizer steps per iteration (mini-batches of 256 out of 1024 responses).
 FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "prm_gate": 0.0,
@@ -182,7 +184,7 @@ FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "p
 
 
 # Presets: a model and the run sizes that the memory planner fits into a 24 GB GPU (README, "Real
-# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; spec §8).
+# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; ALGORITHM.md §8).
 # Learning rates are LoRA-sized starting points with [O]'s PRM:policy ratio of 2:1; they were not
 # tuned on these models. Qwen2.5-Math-7B is the paper's base; PRIME's SFT model
 # (--model PRIME-RL/Eurus-2-7B-SFT) has the same architecture and the same plan.
@@ -474,7 +476,7 @@ def load_dataset_rows(path, need_response=False):
     return rows
 
 
-# PRIME's RL system prompt (spec §10.1): the seven actions by name and the format of a step, as
+# PRIME's RL system prompt (ALGORITHM.md §10): the seven actions by name and the format of a step, as
 # in the Eurus-2-RL-Data prompts; and the task suffixes of its user turns.
 SYSTEM_PROMPT = ("\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them as "
                  "needed to progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n"
@@ -509,7 +511,7 @@ def prompt_text(tok, messages, ability=None):
 
 
 def drop_long_prompts(rows, tok, max_len, name):
-    """Drop prompts longer than max_len tokens, as [O]'s dataset does (spec §8), and say how many."""
+    """Drop prompts longer than max_len tokens, as [O]'s dataset does (ALGORITHM.md §8), and say how many."""
     texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows]
     lens = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     kept = [r for r, n in zip(rows, lens) if n <= max_len]
@@ -539,7 +541,7 @@ def end_tokens(model, tok):
 
 
 def response_mask(resp, eos_ids):
-    """1 on valid response tokens: up to and including the first end token (spec §8).
+    """1 on valid response tokens: up to and including the first end token (ALGORITHM.md §8).
 
     `eos_ids`: one id or a list (`end_tokens`). Everything after the first end token is padding
     from `generate`, even when the pad token is itself an end token (SmolLM2, Qwen); a pad token
@@ -616,7 +618,7 @@ def decode_responses(tok, resp, mask):
 
 
 def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=8192):
-    """log π(y_t | x, y_<t) of each response token (B, T), at temperature 1 (spec §2.2).
+    """log π(y_t | x, y_<t) of each response token (B, T), at temperature 1 (ALGORITHM.md §2.2).
 
     Logits are computed only for the response positions. When the batch has more than `chunk`
     response tokens, the output head runs on `chunk` tokens at a time and each chunk's fp32
@@ -842,7 +844,7 @@ class PromptStream:
 def collect(model, tok, cfg, train_rows, stream, buffer, device):
     """Blocks 1-3: sample K per prompt, verify, keep prompts with accuracy in the band.
 
-    Generates batches of prompts (leftover prompts from the buffer first, spec §6) until P
+    Generates batches of prompts (leftover prompts from the buffer first, ALGORITHM.md §6) until P
     groups pass the filter or `max_rollout_rounds` is reached; surplus passing prompts go back to
     the buffer (their rollouts are discarded, as in [O]). The first round has P prompts; a refill
     round has only as many as the missing groups need at this step's pass rate so far, plus 25%
@@ -907,7 +909,7 @@ def minibatches(n_groups, K, n):
 
 
 def prm_step(model, batch, logp_ref, cfg, opt_prm):
-    """Blocks 4-5: implicit rewards q from the PRM, then its cross-entropy update (spec §3).
+    """Blocks 4-5: implicit rewards q from the PRM, then its cross-entropy update (ALGORITHM.md §3).
 
     Single-forward (default): q is recorded from the same forward that the update uses, so the
     rewards come from the PRM before it saw this batch (mini-batch by mini-batch, as [O]).
@@ -946,7 +948,7 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm):
 
 
 def advantages(q, batch, cfg, use_process):
-    """Block 6: process rewards p from q, RLOO (or GRPO/REINFORCE) returns, whitening (spec §4)."""
+    """Block 6: process rewards p from q, RLOO (or GRPO/REINFORCE) returns, whitening (ALGORITHM.md §4)."""
     K, mask = cfg.K, batch.mask
     p = None
     if use_process:
@@ -967,7 +969,7 @@ def advantages(q, batch, cfg, use_process):
 
 
 def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
-    """Block 7: PPO-clip update of the policy adapter, over shuffled mini-batches (spec §5).
+    """Block 7: PPO-clip update of the policy adapter, over shuffled mini-batches (ALGORITHM.md §5).
 
     `logp_old=None` with a single mini-batch: π_old is the policy as it is now (nothing has been
     updated since the rollout), so its log-probs are the detached log-probs of this very forward
@@ -1168,7 +1170,7 @@ def run(cfg):
     if cfg.prm_init and not cfg.resume:  # a trained π_φ (a resumed run loads its checkpoint's)
         load_prm_init(model, cfg, base_path)
     opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
-    opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # spec §3.3
+    opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # ALGORITHM.md §3.3
 
     if cfg.resume:
         run_dir = cfg.resume

@@ -1,4 +1,4 @@
-"""Run an untrusted Python program against test cases in a separate, limited process (spec §9.2).
+"""Run an untrusted Python program against test cases in a separate, limited process (docs/ALGORITHM.md §9.2).
 
 The code verifier's engine. Nothing here imports torch or the model code: the training process
 calls `run_tests`, which starts this same file as a *runner* in a fresh process (inside bubblewrap
@@ -54,7 +54,7 @@ CALL_MARK = "\x00prime-result\x00"  # prefix of the call-based harness's result 
 @dataclass(frozen=True)
 class Limits:
     """Resource limits for one program (all tests of one response)."""
-    test_timeout: float = 5.0  # wall seconds per test case (spec §9.2: 5 s)
+    test_timeout: float = 5.0  # wall seconds per test case (ALGORITHM.md §9.2: 5 s)
     sample_timeout: float = 30.0  # wall seconds for all tests of one response; later tests fail
     memory_mb: int = 1024  # RLIMIT_AS of the program, MiB
     file_mb: int = 16  # RLIMIT_FSIZE: the largest file the program may write, MiB

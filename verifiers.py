@@ -1,17 +1,17 @@
 """Outcome verifiers: the outcome reward r_o(y) ∈ [0, 1] of a response, from strings only.
 
 PRIME's only supervision is this score (paper §4.1: r_math ∈ {0, 1}, r_code = #passed/#tests;
-spec §9). It trains both the policy (through RLOO) and the implicit PRM (its cross-entropy labels),
+docs/ALGORITHM.md §9). It trains both the policy (through RLOO) and the implicit PRM (its cross-entropy labels),
 so it must be right, and one bad sample must never stop a run.
 
 - math: the last `\\boxed{...}` of the response (brace-matched, nested braces allowed), else the
-  text after the last "the answer is" (spec §9.1), compared with the ground truth by math-verify
+  text after the last "the answer is" (ALGORITHM.md §9.1), compared with the ground truth by math-verify
   (https://github.com/huggingface/Math-Verify): fractions vs decimals, `\\frac`/`\\dfrac`,
   percentages, intervals, tuples, sets, simple expressions, LaTeX spacing and `\\text{}` noise.
   Each parse and comparison has math-verify's own time limit (`MATH_TIMEOUT` s). Score 1 or 0.
 - code: the last ```python block (the whole response if none) run on the sample's test cases
   (APPS/TACO JSON: inputs/outputs[/fn_name]) by `sandbox.run_tests`, in a separate sandboxed
-  process. Score 1.0 if every test passes, else the fraction passed of the first 10 (spec §9.2).
+  process. Score 1.0 if every test passes, else the fraction passed of the first 10 (ALGORITHM.md §9.2).
 
 Entry points: `outcome_reward(sample, response) -> (score, reason)` for one sample and
 `outcome_rewards(samples, responses)` for a batch (code samples in parallel). `reason` is one of
@@ -35,11 +35,11 @@ from math_verify import parse, verify
 import sandbox
 
 MATH_TIMEOUT = 3  # seconds per math-verify parse or comparison (SIGALRM; whole seconds)
-MAX_CODE_TESTS = 10  # partial credit counts the first 10 tests (spec §9.2)
+MAX_CODE_TESTS = 10  # partial credit counts the first 10 tests (ALGORITHM.md §9.2)
 REASONS = ("correct", "partial", "wrong", "no_answer", "timeout", "syntax_error", "runtime_error", "memory",
            "output_limit", "sandbox_error", "verifier_error")
 
-# Spec §9.1 fallback when there is no box: the text after the last "answer is"/"answer:".
+# ALGORITHM.md §9.1 fallback when there is no box: the text after the last "answer is"/"answer:".
 _ANSWER_IS = re.compile(r"(?:answer is|answers are|answer\s*:)\s*", re.IGNORECASE)
 
 
@@ -137,7 +137,7 @@ _FENCE = re.compile(r"```(?:python|py|python3)[ \t]*\n(.*?)(?:```|\Z)", re.DOTAL
 
 def extract_program(response):
     """The last ```python block of the response (an unclosed last block runs to the end);
-    the whole response if there is none (spec §9.2).
+    the whole response if there is none (ALGORITHM.md §9.2).
 
     Example: extract_program("try:\\n```python\\nprint(1)\\n```") -> "print(1)\\n"
     """
@@ -172,7 +172,7 @@ def parse_code_tests(ground_truth):
 
 
 def code_score(results):
-    """Spec §9.2: 1.0 if every test passed, else the fraction passed of the first 10 tests.
+    """ALGORITHM.md §9.2: 1.0 if every test passed, else the fraction passed of the first 10 tests.
 
     The reason is "correct", "partial" (some passed), or the first failure's kind.
     Example: code_score(["pass", "wrong", "pass", "timeout"]) -> (0.5, "partial")
