@@ -155,9 +155,24 @@ def recorded_grads(monkeypatch, opt):
     return grads
 
 
-@pytest.mark.parametrize("n_groups, minibatches", [(1, 4), (3, 2)])
+def hand_grads(world, cfg, adapter, loss_of_logp, batch, rows):
+    """Gradients of `loss_of_logp(log-probs of batch rows, rows)` for a fresh copy of the test model
+    (the same random adapters), computed in one piece: what the first optimizer step must see."""
+    model = adapted_model(world, cfg)
+    model.set_adapter(adapter)
+    logp = pm.token_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.resp[rows], batch.mask[rows])
+    loss_of_logp(logp, rows).backward()
+    return [p.grad for p in pm.adapter_params(model, adapter)]
+
+
+def assert_grads_close(got, want):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_groups, minibatches, first_rows", [(1, 4, 2), (3, 2, 4)])
 def test_prm_step_on_a_partial_batch_makes_one_step_per_minibatch_and_weights_micro_batches_by_share(
-        world, monkeypatch, n_groups, minibatches):
+        world, monkeypatch, n_groups, minibatches, first_rows):
     """1 kept group with 4 PRM mini-batches once crashed; 3 groups in 2 mini-batches (2 + 1 groups)
     with micro-batches of 1 row must give each mini-batch's mean gradient, as one piece does."""
     runs = []
@@ -173,8 +188,11 @@ def test_prm_step_on_a_partial_batch_makes_one_step_per_minibatch_and_weights_mi
         runs.append((q, st, grads))
     assert len(runs[0][2]) == min(n_groups, minibatches), "one optimizer step per non-empty mini-batch"
     for g1, g2 in zip(runs[0][2], runs[1][2]):
-        for a, b in zip(g1, g2):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_grads_close(g1, g2)
+    # The first mini-batch (rows in order) by hand: the mean cross-entropy over its rows.
+    rows = torch.arange(first_rows)
+    assert_grads_close(runs[0][2][0], hand_grads(world, cfg, "prm", lambda logp, r: prm.ce_loss(
+        prm.implicit_rewards(logp, logp_ref[r], batch.mask[r]), batch.r_o[r], batch.mask[r], cfg.beta), batch, rows))
     torch.testing.assert_close(runs[0][0], runs[1][0])
     assert runs[0][1]["prm_loss"] == pytest.approx(runs[1][1]["prm_loss"], rel=1e-5)
 
@@ -183,7 +201,8 @@ def test_prm_step_on_a_partial_batch_makes_one_step_per_minibatch_and_weights_mi
 def test_policy_step_micro_batches_add_up_to_each_minibatch_loss_in_one_piece(world, monkeypatch, loss_agg):
     """3 groups in 2 policy mini-batches (2 + 1 groups): micro-batches of 1 row, each weighted by its
     share of its own mini-batch (rows, or valid tokens with token-mean), give the gradient of the
-    mini-batch's loss computed in one piece; and at most 2 optimizer steps are made."""
+    mini-batch's loss computed in one piece; and at most 2 optimizer steps are made. The first
+    step's gradient is that of the loss of 2 of the 3 groups (which 2 the shuffle decides) by hand."""
     runs = []
     for micro in (1, 64):
         cfg = micro_cfg(policy_minibatches=2, micro_batch=micro, policy_grad_clip=1e9, loss_agg=loss_agg)
@@ -198,8 +217,19 @@ def test_policy_step_micro_batches_add_up_to_each_minibatch_loss_in_one_piece(wo
         runs.append((st, grads))
     assert len(runs[0][1]) == len(runs[1][1]) == 2
     for g1, g2 in zip(runs[0][1], runs[1][1]):
-        for a, b in zip(g1, g2):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_grads_close(g1, g2)
+
+    def loss(logp, r):  # ρ = 1 before the first step: ℓ_t = −A_t ρ_t
+        per_token = -A[r] * torch.exp(logp - logp.detach()) * batch.mask[r]
+        if loss_agg == "token-mean":
+            return per_token.sum() / batch.mask[r].sum()
+        return (per_token.sum(1) / batch.mask[r].sum(1)).mean()
+    candidates = [torch.tensor([2 * a, 2 * a + 1, 2 * b, 2 * b + 1]) for a, b in ((0, 1), (0, 2), (1, 2))]
+    matches = []
+    for rows in candidates:
+        want = hand_grads(world, cfg, "policy", loss, batch, rows)
+        matches.append(all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(runs[0][1][0], want)))
+    assert sum(matches) == 1, "the first step's gradient is the mean loss of its own mini-batch"
     assert runs[0][0]["pg_loss"] == pytest.approx(runs[1][0]["pg_loss"], rel=1e-5, abs=1e-7)
 
 
@@ -474,6 +504,7 @@ def test_generation_and_mask_stop_at_every_end_token_of_the_generation_config(wo
         n = ends[0] + 1 if ends else resp2.shape[1]
         assert mask2[i].tolist() == [1.0] * n + [0.0] * (resp2.shape[1] - n), f"row {i}: valid up to its first end"
         assert torch.equal(resp2[i, :n], resp[i, :n]), "same seed: the same tokens up to there"
+        assert torch.all(resp2[i, n:] == tok.pad_token_id), f"row {i}: generation stopped there (padding after)"
     assert mask2[0].sum() == j + 1, "row 0 stops at the declared token, which the mask keeps"
 
 
