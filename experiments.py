@@ -6,10 +6,12 @@ Run through prime_mini.py:
     python prime_mini.py compare --arms prime,outcome --seeds 3
     python prime_mini.py show-rewards RUN_DIR
 """
+import dataclasses
 import json
 import math
 import os
 import time
+import warnings
 
 import torch
 
@@ -99,12 +101,13 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
 def show_rewards_main(argv):
     """`python prime_mini.py show-rewards RUN_DIR`: the token-reward page of a saved run."""
     import argparse
-    ap = argparse.ArgumentParser(prog="prime_mini.py show-rewards", description=show_rewards_main.__doc__)
+    ap = argparse.ArgumentParser(prog="prime_mini.py show-rewards", description=show_rewards_main.__doc__,
+                                 allow_abbrev=False)
     ap.add_argument("run_dir", help="a run directory (with config.json and adapters/ or a checkpoint)")
     ap.add_argument("--prompts", type=int, default=6, help="held-out prompts on the page (K responses each)")
     ap.add_argument("--out", default="", help="output file (default: RUN_DIR/rewards.html)")
     args = ap.parse_args(argv)
-    cfg, saved = pm.saved_config(args.run_dir, "")
+    cfg, saved = pm.saved_config(args.run_dir, "", strict=False)  # an older run's page is still worth a look
     folder = os.path.join(args.run_dir, "adapters")
     if not os.path.isdir(folder):
         ckpt = pm.latest_checkpoint(args.run_dir)
@@ -117,6 +120,7 @@ def show_rewards_main(argv):
     base, tok = pm.load_base(saved["base_path"], device, cfg)
     model = pm.add_adapters(base, cfg)
     pm.load_adapters(model, folder)
+    rows = pm.drop_long_prompts(rows, tok, cfg.max_prompt_len, cfg.test_data)
     return write_reward_page(model, tok, rows, cfg, device, args.out or os.path.join(args.run_dir, "rewards.html"),
                              args.run_dir, n_prompts=args.prompts)
 
@@ -128,7 +132,10 @@ ARMS = {  # named arms; any other arm is written NAME:flag=value:flag=value (e.g
     "prime": [],
     "outcome": ["--reward-mode", "outcome"],
     "faithful": ["--faithful"],
-    "prm-frozen": ["--prm-update", "none"],
+    # A control, not the paper's offline PRM: the PRM stays at zero, so every process reward is 0
+    # (outcome-only plus unused PRM forwards). The offline PRM freezes a *trained* one:
+    # offline:prm-init=RUN/adapters/prm:prm-update=none (README).
+    "zero-prm": ["--prm-update", "none"],
     "grpo": ["--adv-estimator", "grpo"],
     "reinforce": ["--adv-estimator", "reinforce"],
 }
@@ -163,6 +170,9 @@ def compare_table(results, ref, window=10):
     for arm, seeds in results.items():
         curves = [[m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])] for r in seeds]
         n = min(map(len, curves))
+        if any(len(c) != n for c in curves):
+            warnings.warn(f"{arm}: the seeds' curves have {', '.join(str(len(c)) for c in curves)} steps; "
+                          f"all are cut to the shortest ({n})", RuntimeWarning)
         mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(n)]  # (steps,)
         smooth = [sum(mean_curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(n)]
         t_steps = [m["t_step"] for r in seeds for m in r["metrics"] if "t_step" in m]
@@ -240,13 +250,31 @@ def compare_plot(results, table, ref, target, window, path):
     plt.close(fig)
 
 
+# Settings that change how a run executes or logs, not what it computes: a run folder made with
+# other values of these is still reused.
+NOT_COMPARED = ("resume", "run_name", "out_dir", "threads", "device", "show_progress", "save_every", "tensorboard",
+                "wandb_project", "verify_workers", "retrain_sft")
+
+
+def check_reusable(run_dir, cfg):
+    """Stop when a run folder that `compare` would reuse or resume was made with settings other
+    than `cfg` (this arm and seed), or by another version (its config.json lacks a field)."""
+    old, _ = pm.saved_config(run_dir, "compare: ")
+    diff = [f"{f.name} {getattr(old, f.name)!r} (now {getattr(cfg, f.name)!r})" for f in dataclasses.fields(pm.Config)
+            if f.name not in NOT_COMPARED and getattr(old, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise pm.ConfigError(f"compare: {run_dir} was made with other settings: {', '.join(diff)}; "
+                             "remove that folder or choose another --name")
+
+
 def compare_main(argv):
     """`python prime_mini.py compare --arms prime,outcome --seeds 3 [flags for every arm]`: runs
     every arm with every seed (same seed = same data order and the same SFT model), then writes
     compare.png, compare.md and compare.json into one folder. Finished runs are reused and an
-    interrupted one resumes from its checkpoint, so the command can be run again after a kill."""
+    interrupted one resumes from its checkpoint, so the command can be run again after a kill; a
+    folder made with other settings stops the command, naming them."""
     import argparse
-    ap = argparse.ArgumentParser(prog="prime_mini.py compare", description=compare_main.__doc__)
+    ap = argparse.ArgumentParser(prog="prime_mini.py compare", description=compare_main.__doc__, allow_abbrev=False)
     ap.add_argument("--arms", default="prime,outcome", help=f"comma-separated arms: {', '.join(ARMS)}, or NAME:flag=value:...")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every arm")
     ap.add_argument("--ref", default="", help="arm whose final training reward is the target (default: outcome if present, else the first)")
@@ -255,6 +283,10 @@ def compare_main(argv):
     ap.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every this many steps")
     ap.add_argument("--window", type=int, default=10, help="steps in the trailing mean of the training reward")
     args, common = ap.parse_known_args(argv)
+    taken = pm._explicit_fields(common) & {"seed", "run_name", "resume"}
+    if taken:
+        raise pm.ConfigError(f"compare sets {', '.join('--' + f.replace('_', '-') for f in sorted(taken))} for "
+                             "each run itself (seeds 0..--seeds-1, folders under --name): leave it out")
     arms = [arm_flags(a) for a in args.arms.split(",")]
     names = [a[0] for a in arms]
     ref = args.ref or ("outcome" if "outcome" in names else names[0])
@@ -271,6 +303,8 @@ def compare_main(argv):
             cfg = pm.parse_config(argv_)
             if cfg.steps < args.window:
                 raise pm.ConfigError(f"--steps {cfg.steps} is shorter than --window {args.window}")
+            if os.path.exists(os.path.join(run_dir, "summary.json")) or pm.latest_checkpoint(run_dir):
+                check_reusable(run_dir, cfg)  # a run to reuse or resume must be the run asked for
             plan.append((arm, seed, run_dir, cfg))
     os.makedirs(folder, exist_ok=True)
     for arm, seed, run_dir, cfg in plan:

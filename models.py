@@ -2,7 +2,7 @@
 planner that estimates the peak GPU memory of a run before any weight is loaded.
 
 One frozen base carries two LoRA adapters, `policy` (π_θ) and `prm` (π_φ); the base with
-adapters disabled is the reference π_ref (spec §14). For a 7B model on one GPU the base is
+adapters disabled is the reference π_ref (docs/ALGORITHM.md §11). For a 7B model on one GPU the base is
 quantized to 4-bit NF4 with bitsandbytes (QLoRA: Dettmers et al., 2023, arXiv 2305.14314):
 
     quantized base   NF4 weights in every decoder linear layer, double-quantized block scales;

@@ -19,7 +19,9 @@ base with adapters disabled is the reference π_ref. Both adapters start at zero
 Run:  python prime_mini.py                 # tiny model, embedded task, CPU, a few minutes
       python prime_mini.py --help          # every Config field as a flag
       python prime_mini.py --preset qwen2.5-math-7b --plan-memory   # 7B in 4-bit: will it fit?
-Loading real models (4-bit), the adapters and the memory planner live in models.py.
+Loading real models (4-bit), the adapters and the memory planner live in models.py. The algorithm,
+formula by formula with the paper's equations and where the paper's code differs, is written
+down in docs/ALGORITHM.md (cited below as ALGORITHM.md §N).
 
 Paper symbol → variable → Config field
     π_θ (policy)              adapter "policy"        lora_r, lr_policy
@@ -33,7 +35,7 @@ Paper symbol → variable → Config field
     ε (PPO clip)              eps_clip                eps_clip
 
 Departures from the paper's code [O], each an option; `--faithful` restores [O] in one flag:
-    1. LoRA adapters on one frozen base instead of three full models (spec §14); LoRA needs far
+    1. LoRA adapters on one frozen base instead of three full models (ALGORITHM.md §11); LoRA needs far
        larger learning rates than the paper's 5e-7 / 1e-6 full fine-tuning rates.
     2. Double-forward PRM rewards (`prm_update`, [R]'s default; [O]: single-forward), a PRM that
        learns 3x faster than the policy (`lr_prm`; [O]: 2x), half weight on process returns
@@ -52,6 +54,7 @@ import random
 import re
 import sys
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -92,7 +95,7 @@ class Config:
     preset: str = "tiny"  # tiny | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes that fit a 24 GB GPU (README); explicit flags win
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, double quantization), gradient checkpointing on
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (always on with --load-in-4bit)
-    max_prompt_len: int = 1024  # prompts longer than this many tokens are dropped and counted (spec §8: 1024)
+    max_prompt_len: int = 1024  # prompts longer than this many tokens are dropped and counted (ALGORITHM.md §8: 1024)
     plan_memory: bool = False  # print the estimated peak GPU memory by component for this config and exit (loads no weights)
     gpu_memory_gb: float = 24.0  # GPU memory the planner checks against; a preset that does not fit stops the run
     tiny_hidden: int = 128  # tiny Qwen2: hidden size (0.8M parameters in all: reaches the SFT target in 425-500 steps)
@@ -108,44 +111,45 @@ class Config:
     sft_val_data: str = "data/arith_val.jsonl"  # validation prompts of the SFT stopping rule (not used by RL or evaluation)
     sft_seed: int = 0  # seed of the SFT run (shared by RL seeds, so they start from one model)
     retrain_sft: bool = False  # retrain the SFT model even if a cached one exists
-    # RL: rollout and filter (paper §3.3, §4.1; spec §6, §8)
+    # RL: rollout and filter (paper §3.3, §4.1; ALGORITHM.md §6, §8)
     steps: int = 30  # RL steps (paper: 240 for Table 1, 592 for the release; 30 keeps the default run from nothing within 10 CPU minutes)
     P: int = 32  # prompts kept per step (paper: 256; 32 keeps a CPU step near 2 s)
     K: int = 4  # samples per prompt (paper §4.1: 4)
-    temperature: float = 1.0  # sampling temperature of rollouts (spec §8: 1.0, top_p 1, no top_k)
+    temperature: float = 1.0  # sampling temperature of rollouts (ALGORITHM.md §8: 1.0, top_p 1, no top_k)
     max_new_tokens: int = 64  # longest response (paper: 3072)
     filter_low: float = 0.2  # keep a prompt iff filter_low <= its accuracy (paper §3.3: 0.2)
     filter_high: float = 0.8  # ... and its accuracy <= filter_high (paper §3.3: 0.8)
     max_rollout_rounds: int = 8  # rounds of generation per step to fill P kept prompts
-    merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, ~40% faster rollout; one more copy of the base in memory)
+    merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, 21% faster generate() on the CPU; one more copy of the base in memory)
     gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
-    # implicit PRM (paper §3.1, §4.1; spec §2-3)
+    # implicit PRM (paper §3.1, §4.1; ALGORITHM.md §2-3)
     reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline)
     beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
-    prm_update: str = "double"  # single | double | none (spec §3.4; [O]/paper: single, [R]: double; README)
-    ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; spec §7)
+    prm_update: str = "double"  # single | double | none = never updated (ALGORITHM.md §3.4; [O]/paper: single, [R]: double; README)
+    prm_init: str = ""  # start π_φ from this PRM adapter (a finished run's RUN/adapters/prm) instead of zero; with --prm-update none it stays frozen: the paper's offline PRM (paper §5.1)
+    ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; ALGORITHM.md §7)
     prm_lora_r: int = 8  # LoRA rank of the PRM adapter
     lr_prm: float = 3e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more; README)
-    prm_minibatches: int = 4  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256)
-    prm_grad_clip: float = 10.0  # PRM grad-norm clip (spec §3.3: 10)
+    prm_minibatches: int = 4  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256); fewer when fewer groups are kept
+    prm_grad_clip: float = 10.0  # PRM grad-norm clip (ALGORITHM.md §3.3: 10)
     prm_warmup: int = 10  # steps the PRM trains before its rewards enter the advantage ([O]: 0; README)
     prm_gate: float = 0.0  # use process rewards only while the PRM's fresh ranking accuracy (EMA) >= this ([O]: 0 = always)
-    # advantages (paper Eq. 4-5; spec §4)
+    # advantages (paper Eq. 4-5; ALGORITHM.md §4)
     adv_estimator: str = "rloo"  # rloo | grpo | reinforce (paper Eq. 5, 7, 8)
-    prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees β·q, as veRL)
+    prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees process_coef·β·q, as veRL)
     process_coef: float = 0.5  # weight of process vs outcome returns ([O]: 1:1; README)
-    gamma_process: float = 1.0  # discount of process returns (spec §4.2: 1.0)
-    gamma_outcome: float = 1.0  # discount of outcome returns (spec §4.2: 1.0)
-    # policy (paper §4.1; spec §5)
+    gamma_process: float = 1.0  # discount of process returns (ALGORITHM.md §4.2: 1.0)
+    gamma_outcome: float = 1.0  # discount of outcome returns (ALGORITHM.md §4.2: 1.0)
+    # policy (paper §4.1; ALGORITHM.md §5)
     lora_r: int = 8  # LoRA rank of the policy adapter
     lora_alpha_ratio: float = 2.0  # LoRA alpha = ratio × rank, for both adapters
     lora_targets: str = "all-linear"  # modules that get LoRA: all-linear, or names such as q_proj,v_proj
     lora_dropout: float = 0.0  # dropout on the LoRA input of both adapters (0: logp_old equals logp exactly)
     lr_policy: float = 1e-3  # policy learning rate (paper 5e-7 is full fine-tuning; calibrated for LoRA)
     wd_policy: float = 0.01  # AdamW weight decay of the policy (veRL default 0.01)
-    policy_grad_clip: float = 1.0  # policy grad-norm clip (spec §5: 1.0)
-    policy_minibatches: int = 1  # policy optimizer steps per iteration (paper: 4)
-    eps_clip: float = 0.2  # ε of PPO-clip (spec §5: 0.2)
+    policy_grad_clip: float = 1.0  # policy grad-norm clip (ALGORITHM.md §5: 1.0)
+    policy_minibatches: int = 1  # policy optimizer steps per iteration (paper: 4); fewer when fewer groups are kept
+    eps_clip: float = 0.2  # ε of PPO-clip (ALGORITHM.md §5: 0.2)
     loss_agg: str = "seq-mean-token-mean"  # seq-mean-token-mean ([O]) | token-mean ([R])
     micro_batch: int = 128  # rows per forward/backward; gradient accumulation over micro-batches
     logprob_chunk: int = 8192  # response tokens per output-head chunk: bounds the fp32 (tokens, V) logits
@@ -175,7 +179,7 @@ CHOICES = {
     "sandbox": ("bwrap", "rlimit"),
 }
 
-# The paper's code [O] (spec §14), for the algorithmic fields the tiny default changes. Learning
+# The paper's code [O] (ALGORITHM.md §11), for the algorithmic fields the tiny default changes. Learning
 # rates stay LoRA-sized; [O]'s PRM:policy ratio (1e-6 : 5e-7) is kept. [O] makes 4 PRM and 4
 # policy optimizer steps per iteration (mini-batches of 256 out of 1024 responses).
 FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "prm_gate": 0.0,
@@ -186,7 +190,7 @@ FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "p
 
 
 # Presets: a model and the run sizes that the memory planner fits into a 24 GB GPU (README, "Real
-# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; spec §8).
+# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; ALGORITHM.md §8).
 # Learning rates are LoRA-sized starting points with [O]'s PRM:policy ratio of 2:1; they were not
 # tuned on these models. Qwen2.5-Math-7B is the paper's base; PRIME's SFT model
 # (--model PRIME-RL/Eurus-2-7B-SFT) has the same architecture and the same plan.
@@ -216,7 +220,9 @@ def _field_help():
 def parse_config(argv=None):
     """Build the Config from command-line flags generated from the dataclass, then validate it."""
     import argparse
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # allow_abbrev=False: argparse would otherwise take `--process-co` for --process-coef, and a
+    # preset or --faithful would then override a flag the user did give (it looks absent).
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help()
     for f in dataclasses.fields(Config):
@@ -239,6 +245,10 @@ def parse_config(argv=None):
                 if k not in explicit:
                     setattr(cfg, k, v)
     validate(cfg)
+    if cfg.reward_mode == "prime" and cfg.prm_update == "none" and not cfg.prm_init:
+        warnings.warn("--prm-update none without --prm-init: the PRM stays at zero, so every process reward is "
+                      "exactly 0 (outcome-only RLOO plus unused PRM forwards); the paper's offline-PRM ablation "
+                      "freezes a trained PRM: --prm-init RUN/adapters/prm", RuntimeWarning)
     if cfg.preset != "tiny" and not cfg.plan_memory:
         rows, total, info = models.plan_memory(arch_config(cfg), cfg)
         if not models.fits(total, cfg.gpu_memory_gb):
@@ -249,7 +259,8 @@ def parse_config(argv=None):
 
 
 def _explicit_fields(argv):
-    """The Config fields named on the command line (`--no-x` names `x`)."""
+    """The Config fields named on the command line (`--no-x` names `x`). Names are whole: the
+    parser refuses abbreviated flags."""
     names = {f.name for f in dataclasses.fields(Config)}
     out = set()
     for a in argv:
@@ -264,23 +275,45 @@ def _explicit_fields(argv):
 RESUME_FIELDS = ("resume", "steps", "save_every", "threads", "device", "show_progress")
 
 
-def saved_config(run_dir, flag):
-    """(Config, the raw dict) from a run directory's config.json; `flag` names the option in errors."""
+# Keys of config.json that are not Config fields: what `run` found (the SFT model's folder, the device).
+RECORD_KEYS = ("base_path", "device_used")
+
+
+def saved_config(run_dir, flag, strict=True):
+    """(Config, the raw dict) from a run directory's config.json; `flag` names the option in errors.
+
+    A config.json written by another version of this file can lack a field (today's default would
+    silently stand in for the value the run used) or hold a key that is no longer a field (an
+    option removed or renamed): `strict` refuses both, naming them; otherwise a warning names them.
+    """
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{flag}{path} not found: not a run directory")
     saved = json.load(open(path))
-    return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved}), saved
+    names = [f.name for f in dataclasses.fields(Config)]
+    missing = [n for n in names if n not in saved]
+    unknown = [k for k in saved if k not in names and k not in RECORD_KEYS]
+    problems = []
+    if missing:
+        problems.append(f"it lacks {', '.join(missing)} (today's defaults would stand in for what the run used)")
+    if unknown:
+        problems.append(f"it has {', '.join(unknown)}, which this version does not know")
+    if problems:
+        msg = f"{flag}{path} was written by another version of prime_mini.py: {'; '.join(problems)}"
+        if strict:
+            raise ConfigError(msg + "; add or remove those keys by hand with the values the run used, or start a new run")
+        warnings.warn(msg, RuntimeWarning)
+    return Config(**{n: saved[n] for n in names if n in saved}), saved
 
 
 def resumed_config(cfg, explicit):
     """The Config of the run in `cfg.resume` (its config.json), with the few resumable overrides."""
-    new, _ = saved_config(cfg.resume, "--resume: ")
     other = sorted(explicit - set(RESUME_FIELDS))
     if other:
         raise ConfigError(f"--resume continues a run with its saved config.json; only "
                           f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FIELDS[1:])} may be given, "
                           f"not --{other[0].replace('_', '-')}")
+    new, _ = saved_config(cfg.resume, "--resume: ")
     for k in RESUME_FIELDS:
         if k in explicit or k == "resume":
             setattr(new, k, getattr(cfg, k))
@@ -323,15 +356,6 @@ def validate(cfg):
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
     if cfg.steps and cfg.temperature <= 0:
         bad("temperature", f"must be > 0 for sampling, got {cfg.temperature}")
-    B = cfg.P * cfg.K
-    for name in ("prm_minibatches", "policy_minibatches"):
-        n = getattr(cfg, name)
-        if B % n:
-            bad(name, f"{n} does not divide the batch of P*K = {cfg.P}*{cfg.K} = {B} responses")
-        if (B // n) % cfg.K:
-            bad(name, f"mini-batches of {B // n} responses would split groups of K={cfg.K}")
-        if (B // n) % cfg.micro_batch and cfg.micro_batch < B // n:
-            bad("micro_batch", f"{cfg.micro_batch} does not divide the {name.split('_')[0]} mini-batch of {B // n} responses")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
@@ -347,6 +371,8 @@ def validate(cfg):
         models.check_model_source(cfg.model)
     if cfg.load_in_4bit and not models.bitsandbytes_available():
         bad("load_in_4bit", "needs bitsandbytes (pip install bitsandbytes; version 0.45 or later also runs NF4 on the CPU)")
+    if cfg.prm_init:
+        check_prm_init(cfg)
     if cfg.plan_memory:
         return  # the planner reads no data
     sft_files = [] if cfg.model else [cfg.sft_data] + ([cfg.sft_val_data] if cfg.sft_target else [])
@@ -359,6 +385,21 @@ def validate(cfg):
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
             bad("wandb_project", "wandb is not installed (pip install wandb), or leave the flag out")
+
+
+def check_prm_init(cfg):
+    """--prm-init must be a PRM adapter that fits this run's PRM: peft's folder, same rank and alpha."""
+    path = os.path.join(cfg.prm_init, "adapter_config.json")
+    if cfg.reward_mode != "prime":
+        raise ConfigError(f"--prm-init: --reward-mode {cfg.reward_mode} has no PRM to start from it")
+    if not os.path.exists(path):
+        raise ConfigError(f"--prm-init: {path} not found (give a saved adapter folder such as RUN/adapters/prm)")
+    saved = json.load(open(path))
+    want = {"r": cfg.prm_lora_r, "lora_alpha": int(cfg.lora_alpha_ratio * cfg.prm_lora_r)}
+    for key, value in want.items():
+        if saved.get(key) != value:
+            raise ConfigError(f"--prm-init: the adapter has {key} = {saved.get(key)}, this run's PRM {value} "
+                              "(set --prm-lora-r and --lora-alpha-ratio as the run that trained it)")
 
 
 def resolve(path):
@@ -444,7 +485,7 @@ def load_dataset_rows(path, need_response=False):
     return rows
 
 
-# PRIME's RL system prompt (spec §10.1): the seven actions by name and the format of a step, as
+# PRIME's RL system prompt (ALGORITHM.md §10): the seven actions by name and the format of a step, as
 # in the Eurus-2-RL-Data prompts; and the task suffixes of its user turns.
 SYSTEM_PROMPT = ("\nWhen tackling complex reasoning tasks, you have access to the following actions. Use them as "
                  "needed to progress through your thought process.\n\n[ASSESS]\n\n[ADVANCE]\n\n[VERIFY]\n\n"
@@ -479,7 +520,7 @@ def prompt_text(tok, messages, ability=None):
 
 
 def drop_long_prompts(rows, tok, max_len, name):
-    """Drop prompts longer than max_len tokens, as [O]'s dataset does (spec §8), and say how many."""
+    """Drop prompts longer than max_len tokens, as [O]'s dataset does (ALGORITHM.md §8), and say how many."""
     texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows]
     lens = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     kept = [r for r, n in zip(rows, lens) if n <= max_len]
@@ -500,13 +541,23 @@ def encode_prompts(tok, texts, device):
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
-def response_mask(resp, eos_id):
-    """1 on valid response tokens: up to and including the first EOS (spec §8, `get_eos_mask`).
+def end_tokens(model, tok):
+    """Every token id that ends a response: the tokenizer's EOS and each EOS of the model's
+    generation config (Qwen2.5-Instruct ends a turn with <|im_end|> or <|endoftext|>)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    return sorted({i for i in [tok.eos_token_id, *ids] if i is not None})
 
-    Everything after the first EOS is padding from `generate`; a pad token sampled *before* it is
-    a real (if odd) token and stays valid.
+
+def response_mask(resp, eos_ids):
+    """1 on valid response tokens: up to and including the first end token (ALGORITHM.md §8).
+
+    `eos_ids`: one id or a list (`end_tokens`). Everything after the first end token is padding
+    from `generate`, even when the pad token is itself an end token (SmolLM2, Qwen); a pad token
+    sampled *before* it is a real (if odd) token and stays valid.
     """
-    is_eos = (resp == eos_id).int()  # (B, T)
+    eos = torch.as_tensor(eos_ids, device=resp.device).flatten()  # (n_eos,)
+    is_eos = torch.isin(resp, eos).int()  # (B, T)
     after_eos = (is_eos.cumsum(1) - is_eos) > 0  # (B, T) strictly after the first EOS
     return (~after_eos).to(torch.float32)  # (B, T)
 
@@ -519,8 +570,8 @@ def merged_copy(model):
     """A plain copy of the base (no LoRA layers) whose linear weights are W + s·B·A of the active
     adapter: the same π_θ up to float rounding, built once per model and refreshed on each call
     (a copy of the weights, microseconds for the tiny model). Sampling with it skips peft's
-    per-layer Python work and the two extra LoRA matmuls at every new token: ~40% of the rollout
-    time on CPU (BENCHMARKS.md). The adapters, the base and π_ref are left untouched. Returns the
+    per-layer Python work and the two extra LoRA matmuls at every new token: 21% less time per
+    `generate` call on the CPU (BENCHMARKS.md). The adapters, the base and π_ref are left untouched. Returns the
     model itself when there is nothing to merge or a base layer is not a plain nn.Linear (4-bit)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -555,6 +606,7 @@ def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, g
     `merged`: sample from merged_copy(model), the same policy without LoRA's per-token overhead."""
     models.set_train_mode(model, False)  # no checkpointing while generating: it would drop the cache
     sampler = merged_copy(model) if merged else model
+    eos = end_tokens(model, tok)  # all of them: one id alone would override the model's own list
     resps = []
     n = batch_size or prompt_ids.shape[0]
     for i in range(0, prompt_ids.shape[0], n):
@@ -562,10 +614,10 @@ def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, g
                                max_new_tokens=max_new_tokens, do_sample=not greedy,
                                temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
                                top_p=1.0 if not greedy else None, pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id, use_cache=True)
+                               eos_token_id=eos, use_cache=True)
         resps.append(out[:, prompt_ids.shape[1]:])  # (n, T_i)
     resp = pad_cat(resps, left=False, value=tok.pad_token_id)  # (B, T)
-    return resp, response_mask(resp, tok.eos_token_id)
+    return resp, response_mask(resp, eos)
 
 
 def decode_responses(tok, resp, mask):
@@ -575,7 +627,7 @@ def decode_responses(tok, resp, mask):
 
 
 def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=8192):
-    """log π(y_t | x, y_<t) of each response token (B, T), at temperature 1 (spec §2.2).
+    """log π(y_t | x, y_<t) of each response token (B, T), at temperature 1 (ALGORITHM.md §2.2).
 
     Logits are computed only for the response positions. When the batch has more than `chunk`
     response tokens, the output head runs on `chunk` tokens at a time and each chunk's fp32
@@ -894,7 +946,7 @@ class PromptStream:
 def collect(model, tok, cfg, train_rows, stream, buffer, device):
     """Blocks 1-3: sample K per prompt, verify, keep prompts with accuracy in the band.
 
-    Generates batches of prompts (leftover prompts from the buffer first, spec §6) until P
+    Generates batches of prompts (leftover prompts from the buffer first, ALGORITHM.md §6) until P
     groups pass the filter or `max_rollout_rounds` is reached; surplus passing prompts go back to
     the buffer (their rollouts are discarded, as in [O]). The first round has P prompts; a refill
     round has only as many as the missing groups need at this step's pass rate so far, plus 25%
@@ -941,8 +993,25 @@ def collect(model, tok, cfg, train_rows, stream, buffer, device):
     return batch, stats
 
 
+def minibatches(n_groups, K, n):
+    """Row ranges (start, end) of min(n, n_groups) mini-batches of whole groups, in order.
+
+    The filter can keep fewer groups than asked for, or a number that `n` does not divide: the
+    groups are dealt out as evenly as possible (sizes differ by at most one group), so no
+    mini-batch is empty and a step never makes more than `n` optimizer steps.
+    Example: minibatches(5, K=2, n=4) -> [(0, 4), (4, 6), (6, 8), (8, 10)]   (2, 1, 1, 1 groups)
+    """
+    n = min(n, n_groups)
+    bounds, g = [], 0
+    for k in range(n):
+        size = n_groups // n + (1 if k < n_groups % n else 0)  # groups in mini-batch k
+        bounds.append((g * K, (g + size) * K))
+        g += size
+    return bounds
+
+
 def prm_step(model, batch, logp_ref, cfg, opt_prm):
-    """Blocks 4-5: implicit rewards q from the PRM, then its cross-entropy update (spec §3).
+    """Blocks 4-5: implicit rewards q from the PRM, then its cross-entropy update (ALGORITHM.md §3).
 
     Single-forward (default): q is recorded from the same forward that the update uses, so the
     rewards come from the PRM before it saw this batch (mini-batch by mini-batch, as [O]).
@@ -952,19 +1021,18 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm):
     """
     model.set_adapter("prm")  # the PRM adapter is active and trainable, the policy's is frozen
     B, K, micro = batch.B, cfg.K, cfg.micro_batch
-    mb = B // cfg.prm_minibatches
     qs, losses = [], []
-    for m0 in range(0, B, mb):  # mini-batches in order, not shuffled ([O])
+    for m0, m1 in minibatches(B // K, K, cfg.prm_minibatches):  # in order, not shuffled ([O])
         if cfg.prm_update != "none":
             opt_prm.zero_grad(set_to_none=True)
-        for i in range(m0, m0 + mb, micro):
-            j = min(i + micro, m0 + mb)
+        for i in range(m0, m1, micro):
+            j = min(i + micro, m1)
             with torch.set_grad_enabled(cfg.prm_update != "none"):
                 logp_phi = token_logprobs(model, *batch.slice(i, j), chunk=cfg.logprob_chunk)  # (b, T)
                 q = prm.implicit_rewards(logp_phi, logp_ref[i:j], batch.mask[i:j])  # (b, T)
                 loss = prm.ce_loss(q, batch.r_o[i:j], batch.mask[i:j], cfg.beta)
             if cfg.prm_update != "none":
-                (loss * (j - i) / mb).backward()  # mean over the mini-batch
+                (loss * (j - i) / (m1 - m0)).backward()  # by its share of the mini-batch: the mini-batch's mean
             qs.append(q.detach())
             losses.append(loss.item() * (j - i) / B)
         if cfg.prm_update != "none":
@@ -982,7 +1050,7 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm):
 
 
 def advantages(q, batch, cfg, use_process):
-    """Block 6: process rewards p from q, RLOO (or GRPO/REINFORCE) returns, whitening (spec §4)."""
+    """Block 6: process rewards p from q, RLOO (or GRPO/REINFORCE) returns, whitening (ALGORITHM.md §4)."""
     K, mask = cfg.K, batch.mask
     p = None
     if use_process:
@@ -1003,7 +1071,7 @@ def advantages(q, batch, cfg, use_process):
 
 
 def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
-    """Block 7: PPO-clip update of the policy adapter, over shuffled mini-batches (spec §5).
+    """Block 7: PPO-clip update of the policy adapter, over shuffled mini-batches (ALGORITHM.md §5).
 
     `logp_old=None` with a single mini-batch: π_old is the policy as it is now (nothing has been
     updated since the rollout), so its log-probs are the detached log-probs of this very forward
@@ -1012,25 +1080,27 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
     assert logp_old is not None or cfg.policy_minibatches == 1, "logp_old is needed with several mini-batches"
     model.set_adapter("policy")
     B, micro = batch.B, cfg.micro_batch
-    mb = B // cfg.policy_minibatches
     groups = torch.randperm(B // cfg.K, generator=gen)  # shuffle whole groups
     order = (groups.view(-1, 1) * cfg.K + torch.arange(cfg.K)).flatten()
+    splits = minibatches(B // cfg.K, cfg.K, cfg.policy_minibatches)
     stats = {"pg_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
     nll = 0.0  # Σ -log π_θ(y_t) over the batch's tokens: a sampled estimate of the policy's entropy
-    for m0 in range(0, B, mb):
-        idx = order[m0:m0 + mb]
+    for m0, m1 in splits:
+        idx = order[m0:m1]
         n_tok = batch.mask[idx].sum()
         opt_policy.zero_grad(set_to_none=True)
-        for i in range(0, mb, micro):
+        for i in range(0, len(idx), micro):
             sub = idx[i:i + micro]
             logp = token_logprobs(model, batch.prompt_ids[sub], batch.prompt_mask[sub], batch.resp[sub], batch.mask[sub],
                                   chunk=cfg.logprob_chunk)
             old = logp.detach() if logp_old is None else logp_old[sub]
             loss, st = rl.ppo_clip_loss(logp, old, A[sub], batch.mask[sub], cfg.eps_clip, cfg.loss_agg)
-            w = len(sub) / mb if cfg.loss_agg == "seq-mean-token-mean" else (batch.mask[sub].sum() / n_tok).item()
+            # Each micro-batch by its share of its own mini-batch (rows, or valid tokens for
+            # token-mean), so the summed gradient is that of the mini-batch's loss in one piece.
+            w = len(sub) / len(idx) if cfg.loss_agg == "seq-mean-token-mean" else (batch.mask[sub].sum() / n_tok).item()
             (loss * w).backward()
             nll -= (logp.detach() * batch.mask[sub]).sum().item()
-            stats["pg_loss"] += loss.item() * w / cfg.policy_minibatches
+            stats["pg_loss"] += loss.item() * w / len(splits)
             stats["clipfrac"] += st["clipfrac"] * len(sub) / B
             stats["approx_kl"] += st["approx_kl"] * len(sub) / B
         torch.nn.utils.clip_grad_norm_(opt_policy.param_groups[0]["params"], cfg.policy_grad_clip)
@@ -1079,11 +1149,38 @@ def save_checkpoint(run_dir, step, model, opt_policy, opt_prm, state):
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
 
 
-def load_adapters(model, folder):
-    """Load the `policy` and `prm` adapter weights saved by `save_pretrained` into `model`."""
+def load_adapter(model, folder, name):
+    """Load adapter weights saved by `save_pretrained` (`folder` holds adapter_model.safetensors)
+    into `model`'s adapter `name`. Every LoRA tensor of that adapter must be in the file and every
+    tensor of the file must find its place: peft alone loads a partial match without a word."""
     from peft import load_peft_weights, set_peft_model_state_dict
+    try:
+        result = set_peft_model_state_dict(model, load_peft_weights(folder), adapter_name=name)
+    except RuntimeError as e:  # a shape mismatch: another rank, or another base
+        raise ConfigError(f"{folder}: does not fit the {name} adapter ({str(e).splitlines()[-1].strip()[:300]})") from None
+    missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"{folder}: does not fit the {name} adapter: {len(missing)} of its tensors are not in the "
+                          f"file (e.g. {missing[:1]}), {len(result.unexpected_keys)} of the file's have no place "
+                          f"(e.g. {result.unexpected_keys[:1]}): other LoRA targets, or another base")
+
+
+def load_adapters(model, folder):
+    """Load the `policy` and `prm` adapters saved by `model.save_pretrained(folder)`."""
     for name in ("policy", "prm"):
-        set_peft_model_state_dict(model, load_peft_weights(os.path.join(folder, name)), adapter_name=name)
+        load_adapter(model, os.path.join(folder, name), name)
+
+
+def load_prm_init(model, cfg, base_path):
+    """--prm-init: π_φ starts from a PRM adapter trained by another run (the paper's offline PRM
+    when --prm-update none keeps it frozen). Its scores mean something only on the base it was
+    trained with: a warning says when the adapter names another one."""
+    trained_on = json.load(open(os.path.join(cfg.prm_init, "adapter_config.json"))).get("base_model_name_or_path")
+    if trained_on and os.path.abspath(trained_on) != os.path.abspath(base_path):
+        warnings.warn(f"--prm-init: {cfg.prm_init} was trained on {trained_on}, this run's base is {base_path}",
+                      RuntimeWarning)
+    load_adapter(model, cfg.prm_init, "prm")
+    print(f"PRM: starting from {cfg.prm_init}{' (frozen: --prm-update none)' if cfg.prm_update == 'none' else ''}")
 
 
 def load_checkpoint(path, model, opt_policy, opt_prm):
@@ -1102,15 +1199,19 @@ def load_checkpoint(path, model, opt_policy, opt_prm):
 def open_metrics(run_dir, last_step):
     """metrics.jsonl for appending, cut back to `last_step` (a resumed run re-does later steps)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    keep = []
+    keep, unreadable = [], 0
     if last_step and os.path.exists(path):
         for line in open(path):
             try:
                 m = json.loads(line)
             except json.JSONDecodeError:
-                break  # a line cut short by the kill
+                unreadable += 1  # a line cut short by the kill: skip it, and only it
+                continue
             if m["step"] <= last_step:
                 keep.append(json.dumps(m) + "\n")
+    if unreadable:
+        warnings.warn(f"{path}: skipped {unreadable} unreadable line(s) (a kill leaves its last line half-written)",
+                      RuntimeWarning)
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -1127,7 +1228,8 @@ def make_logger(cfg, run_dir, last_step):
             from torch.utils.tensorboard import SummaryWriter
             tb = SummaryWriter(run_dir, purge_step=last_step + 1)  # drop events of re-done steps
         except ImportError:
-            pass  # tensorboard is optional
+            warnings.warn("--tensorboard: tensorboard is not installed, so no event files are written "
+                          "(pip install tensorboard, or --no-tensorboard)", RuntimeWarning)
     if cfg.wandb_project:
         import wandb
         wb = wandb.init(project=cfg.wandb_project, name=os.path.basename(run_dir), id=os.path.basename(run_dir),
@@ -1161,7 +1263,7 @@ def run(cfg):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     # Read and check all data before building anything expensive.
     train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
-    test_rows = load_rows(cfg.test_data)[: cfg.eval_n or None]
+    test_rows = load_rows(cfg.test_data)
     check_sandbox(cfg.sandbox, train_rows + test_rows)
 
     rng = torch.get_rng_state()  # SFT seeds its own RNG: a cold run must draw what a cached one does
@@ -1169,9 +1271,12 @@ def run(cfg):
     torch.set_rng_state(rng)
     base, tok = load_base(base_path, device, cfg)
     train_rows = drop_long_prompts(train_rows, tok, cfg.max_prompt_len, cfg.data)
+    test_rows = drop_long_prompts(test_rows, tok, cfg.max_prompt_len, cfg.test_data)[: cfg.eval_n or None]
     model = add_adapters(base, cfg)
+    if cfg.prm_init and not cfg.resume:  # a trained π_φ (a resumed run loads its checkpoint's)
+        load_prm_init(model, cfg, base_path)
     opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
-    opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # spec §3.3
+    opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # ALGORITHM.md §3.3
 
     if cfg.resume:
         run_dir = cfg.resume

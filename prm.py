@@ -9,7 +9,7 @@ reference π_ref (paper Eq. 3, §3.1):
     r_φ(y)   = β · Σ_t q_t                                              (sequence reward)
 
 It is trained online from outcome labels only, with cross-entropy on σ(r_φ(y)) (Algorithm 1
-line 8; spec §3.1). Pure tensor math: no models, no config object.
+line 8; docs/ALGORITHM.md §3.1). Pure tensor math: no models, no config object.
 
 Shapes: P prompts, K samples per prompt (consecutive rows), B = P·K rows, T response positions.
 `mask` is 1 on valid response tokens (up to and including the first EOS), 0 elsewhere.
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 
 def implicit_rewards(logp_phi, logp_ref, mask):
-    """q_t = log π_φ(y_t) − log π_ref(y_t) on valid tokens, 0 elsewhere (spec §2.2-2.3).
+    """q_t = log π_φ(y_t) − log π_ref(y_t) on valid tokens, 0 elsewhere (ALGORITHM.md §2.2-2.3).
 
-    Token granularity, every valid token including EOS gets its q ([O]'s placement, spec §14).
+    Token granularity, every valid token including EOS gets its q ([O]'s placement, ALGORITHM.md §2.3).
     β is *not* applied here: the policy sees q (normalised by `rl.batch_norm`), as in [O].
     Example: implicit_rewards(tensor([[-1., -2.]]), tensor([[-1.5, -1.]]), tensor([[1, 0]]))
              -> tensor([[0.5, 0.0]])
@@ -31,7 +31,7 @@ def implicit_rewards(logp_phi, logp_ref, mask):
 
 
 def ce_loss(q, r_o, mask, beta):
-    """L_CE(φ) = −mean_i [ r_o log σ(β Σ_t q_t) + (1 − r_o) log(1 − σ(β Σ_t q_t)) ] (spec §3.1).
+    """L_CE(φ) = −mean_i [ r_o log σ(β Σ_t q_t) + (1 − r_o) log(1 − σ(β Σ_t q_t)) ] (ALGORITHM.md §3.1).
 
     `r_o` may be fractional (a code pass rate): it is then a soft label.
     """
@@ -42,7 +42,7 @@ def ce_loss(q, r_o, mask, beta):
 
 @torch.no_grad()
 def pairwise_accuracy(q, r_o, mask, K):
-    """The spec's `dpo_acc` (§3.3): does the PRM rank a group's better samples higher?
+    """[O]'s `dpo_acc` (ALGORITHM.md §3.2): does the PRM rank a group's better samples higher?
 
     Within each group of K, over unordered pairs (i, j) with r_o^i ≠ r_o^j: the pair scores 1 when
     sign(Σq^i − Σq^j) == sign(r_o^i − r_o^j), weighted by |r_o^i − r_o^j|. A group with no

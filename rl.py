@@ -1,6 +1,6 @@
 """PRIME's advantage estimation and policy loss: RLOO on process and outcome rewards, PPO-clip.
 
-Implements, from the spec (`PRIME_SPEC.md` §4-6, which follows the paper's code [O]):
+Implements (docs/ALGORITHM.md §2.4-6, which follows the paper's code [O]):
   - the online accuracy filter (paper §3.3):        keep a prompt iff low ≤ mean_k r_o ≤ high
   - `batch_norm` of process rewards (code only):    p = q / (max |reward-to-go| over the batch + 1e-6)
   - leave-one-out (RLOO) returns (paper Eq. 4-5):   per source, s̃_t^i = (K s_t^i − Σ_j m_j)/(K−1)
@@ -18,7 +18,7 @@ import torch
 
 
 def accuracy_filter(r_o, K, low, high):
-    """keep[p] = low ≤ mean_k r_o[p, k] ≤ high, both ends inclusive (spec §6).
+    """keep[p] = low ≤ mean_k r_o[p, k] ≤ high, both ends inclusive (ALGORITHM.md §6).
 
     Example: accuracy_filter(tensor([1., 0, 0, 0, 1, 1, 1, 1]), K=4, low=0.2, high=0.8)
              -> tensor([True, False])   (1/4 kept; 4/4 dropped)
@@ -40,7 +40,7 @@ def reverse_cumsum(x, gamma=1.0):
 
 
 def batch_norm(q, mask):
-    """`prime_norm=batch_norm` ([O], spec §2.4): q / (max_{i,t} |Σ_{s≥t} q_s^i| + 1e-6).
+    """`prime_norm=batch_norm` ([O], ALGORITHM.md §2.4): q / (max_{i,t} |Σ_{s≥t} q_s^i| + 1e-6).
 
     The maximum is over every reward-to-go of the whole batch, so afterwards |process return| ≤ 1.
     """
@@ -58,7 +58,7 @@ def last_token_mask(mask):
 
 
 def rloo_token_scores(s, m, K):
-    """The code's leave-one-out line (spec §4.2 step 2), for one reward source.
+    """The code's leave-one-out line (ALGORITHM.md §4.2 step 2), for one reward source.
 
     s: (B, T) rewards, m: (B, T) that source's mask. m_i = mean of row i's rewards on its mask;
     s̃_t^i = (K·s_t^i − Σ_{j in group} m_j)/(K − 1) on the mask, 0 elsewhere. For the outcome
@@ -73,7 +73,7 @@ def rloo_token_scores(s, m, K):
 
 
 def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0):
-    """Returns-to-go from RLOO on process rewards `p` and outcomes `r_o`, summed 1:1 (spec §4.2).
+    """Returns-to-go from RLOO on process rewards `p` and outcomes `r_o`, summed 1:1 (ALGORITHM.md §4.2).
 
     p: (B, T) process rewards (already normalised) or None for the outcome-only baseline;
     r_o: (B,) outcome scores, placed at each row's last valid token.
@@ -90,7 +90,7 @@ def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0):
 
 
 def grpo_returns(p, r_o, mask, K, gamma_process=1.0, eps=1e-6):
-    """GRPO with PRIME (paper Eq. 7, spec §4.3): group-normalised outcome plus a process return
+    """GRPO with PRIME (paper Eq. 7, ALGORITHM.md §4.3): group-normalised outcome plus a process return
     with baseline mean_j m_j and scale std_j m_j, m_j = sample j's mean process reward.
 
     The outcome term is a per-sample constant, added on every valid token. `std` is unbiased
@@ -111,7 +111,7 @@ def grpo_returns(p, r_o, mask, K, gamma_process=1.0, eps=1e-6):
 
 
 def reinforce_returns(p, r_o, mask, gamma_process=1.0):
-    """REINFORCE with PRIME (paper Eq. 8, spec §4.3): r_o + Σ_{s≥t} γ^{s−t} r_φ(y_s), no baseline."""
+    """REINFORCE with PRIME (paper Eq. 8, ALGORITHM.md §4.3): r_o + Σ_{s≥t} γ^{s−t} r_φ(y_s), no baseline."""
     mask = mask.to(torch.float32)
     returns = r_o.to(torch.float32).view(-1, 1) * mask  # (B, T)
     if p is not None:
@@ -120,7 +120,7 @@ def reinforce_returns(p, r_o, mask, gamma_process=1.0):
 
 
 def masked_whiten(x, mask):
-    """A = (x − μ) / sqrt(σ² + 1e-8) with μ and the unbiased σ² over all valid tokens (spec §4.2)."""
+    """A = (x − μ) / sqrt(σ² + 1e-8) with μ and the unbiased σ² over all valid tokens (ALGORITHM.md §4.2)."""
     mask = mask.to(x.dtype)
     n = mask.sum()
     mean = (x * mask).sum() / n  # ()
@@ -129,7 +129,7 @@ def masked_whiten(x, mask):
 
 
 def ppo_clip_loss(logp, logp_old, A, mask, eps_clip, agg="seq-mean-token-mean"):
-    """PPO-clip (paper Eq. 6, spec §5): ℓ_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)).
+    """PPO-clip (paper Eq. 6, ALGORITHM.md §5): ℓ_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)).
 
     ρ_t = exp(log π_θ(y_t) − log π_old(y_t)). `agg`: "seq-mean-token-mean" = mean over rows of
     each row's token mean ([O], whose micro-batches held one sequence); "token-mean" = mean over

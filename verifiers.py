@@ -92,7 +92,13 @@ def _timeout():
 
 @functools.lru_cache(maxsize=100_000)
 def _parse_gold(ground_truth, timeout):
-    return parse(f"\\boxed{{{ground_truth}}}", parsing_timeout=timeout)
+    """math-verify's parse of a ground truth; a warning (once per ground truth) when it yields no
+    mathematical object, for then only an answer written exactly the same way can score 1."""
+    gold = parse(f"\\boxed{{{ground_truth}}}", parsing_timeout=timeout)
+    if all(isinstance(g, str) for g in gold):  # [] or the bare string: nothing was parsed
+        warnings.warn(f"math-verify cannot parse the ground truth {ground_truth!r}: only an answer written "
+                      "exactly like it can score 1, every other response scores 0", RuntimeWarning)
+    return gold
 
 
 def math_equal(answer, ground_truth):

@@ -20,8 +20,8 @@ MICRO = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--ti
     (["--filter-low", "-0.1"], "--filter-low: must be in [0, 1]"),
     (["--filter-high", "1.5"], "--filter-high: must be in [0, 1]"),
     (["--filter-low", "0.9", "--filter-high", "0.5"], "--filter-low: 0.9 is above --filter-high 0.5"),
-    (["--P", "8", "--K", "4", "--policy-minibatches", "3"], "--policy-minibatches: 3 does not divide"),
-    (["--P", "8", "--K", "4", "--micro-batch", "12"], "--micro-batch: 12 does not divide the policy mini-batch of 32"),
+    (["--prm-init", "nope/adapters/prm"], "--prm-init: nope/adapters/prm/adapter_config.json not found"),
+    (["--prm-init", "x", "--reward-mode", "outcome"], "--prm-init: --reward-mode outcome has no PRM"),
     (["--data", "nope.jsonl"], "data file not found: nope.jsonl"),
     (["--steps", "0"], "--steps: must be >= 1"),
 ])
@@ -42,6 +42,24 @@ def test_faithful_resets_algorithmic_choices_but_explicit_flags_win():
     assert cfg.prime_norm == "none" and cfg.process_coef == 0.5
     cfg = pm.parse_config(["--faithful", "--prime-norm", "none"])
     assert cfg.process_coef == 1.0 and cfg.prm_warmup == 0 and cfg.prm_update == "single"
+    cfg = pm.parse_config(["--faithful", "--process-coef=0.5", "--no-merged-rollout"])
+    assert cfg.process_coef == 0.5 and not cfg.merged_rollout
+
+
+@pytest.mark.parametrize("argv, flag", [(["--faithful", "--process-co", "0.5"], "--process-co"),
+                                        (["--faithful", "--process-co=0.5"], "--process-co=0.5"),
+                                        (["--preset", "qwen2.5-0.5b", "--max-new", "64"], "--max-new")])
+def test_abbreviated_flags_are_refused_not_overridden_by_a_preset(argv, flag, capsys):
+    """argparse would read `--process-co` as --process-coef, and --faithful would then replace the
+    value with its own, as if the flag had not been given: the parser refuses abbreviations."""
+    with pytest.raises(SystemExit) as e:
+        pm.parse_config(argv)
+    assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_prm_update_none_without_a_trained_prm_warns_that_process_rewards_are_zero():
+    with pytest.warns(RuntimeWarning, match="every process reward is exactly 0"):
+        pm.parse_config(["--prm-update", "none"])
 
 
 def test_help_lists_every_flag(capsys):
@@ -110,7 +128,9 @@ def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     for key in ("acc_before", "acc_after", "greedy_before", "greedy_after", "seed", "wall_time_s"):
         assert key in summary, key
-    assert summary["seed"] == 3 and 0 <= summary["acc_after"] <= 1
+    assert summary["seed"] == 3 and summary["eval_prompts"] == 6 and summary["eval_samples"] == 2
+    for key in ("acc_before", "acc_after"):  # a mean over 6 prompts x 2 samples: a multiple of 1/12
+        assert summary[key] * 12 == pytest.approx(round(summary[key] * 12), abs=1e-6), (key, summary[key])
     assert (run / "adapters" / "policy" / "adapter_config.json").exists(), "policy adapter in peft format"
     assert (run / "adapters" / "prm" / "adapter_config.json").exists(), "PRM adapter in peft format"
     from safetensors.torch import load_file
@@ -121,6 +141,8 @@ def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     again = subprocess.run(argv[:5] + ["micro2"] + argv[6:], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "SFT model: reusing" in again.stdout
+    again_summary = json.loads((runs / "micro2" / "summary.json").read_text())
+    assert again_summary["acc_before"] == summary["acc_before"], "the same cached SFT model, the same eval seed"
     # --model: a saved causal LM folder is the SFT model (here the cached tiny one); no SFT runs.
     sft_dir = json.loads((run / "config.json").read_text())["base_path"]
     argv_model = argv[:5] + ["micro3", "--model", sft_dir] + argv[6:]

@@ -1,4 +1,6 @@
-"""Checkpoint and resume, the compare table, and the token-reward page."""
+"""Resume and compare refusing a run made otherwise, the compare table, the token-reward page, logging.
+
+(Resume equal to a straight run, with a prompt buffer and after a kill: tests/test_loop.py.)"""
 import json
 import os
 import pickle
@@ -7,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import experiments as ex
 import prime_mini as pm
@@ -30,53 +31,61 @@ def _metrics(run_dir):
     return [{k: v for k, v in m.items() if not k.startswith("t_")} for m in rows]  # timings differ
 
 
-def _adapter(run_dir, name):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(run_dir, "adapters", name, "adapter_model.safetensors"))
+def write_config(run, **changes):
+    """A run folder's config.json as `run` writes it (all fields, the base path), with `changes`;
+    a change to None removes the field."""
+    saved = {**pm.dataclasses.asdict(pm.Config()), "base_path": "runs/sft/x", "device_used": "cpu", **changes}
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if v is not None}))
 
 
-def test_two_steps_then_resume_equal_four_steps_straight_even_after_a_kill(tmp_path):
-    runs = tmp_path / "runs"
-    common = MICRO + ["--out-dir", str(runs), "--save-every", "1", "--seed", "5"]
-    _run(common + ["--run-name", "straight", "--steps", "4"])
-    _run(common + ["--run-name", "part", "--steps", "2"])
-    part = runs / "part"
-    assert sorted(d for d in os.listdir(part) if d.startswith("checkpoint")) == ["checkpoint-000002"], \
-        "only the newest checkpoint is kept"
-    # What `kill -9` during step 3 can leave: a half-written checkpoint and a half-written line.
-    (part / "checkpoint-000003.tmp" / "adapters").mkdir(parents=True)
-    with open(part / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3, "acc": 0.2')
-    out = _run(["--resume", str(part), "--steps", "4", "--threads", "1", "--no-show-progress"])
-    assert "resuming from" in out.stdout and "checkpoint-000002" in out.stdout
-    straight, resumed = _metrics(runs / "straight"), _metrics(part)
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4], "no duplicated or lost steps"
-    assert resumed == straight, "the resumed run takes exactly the steps the straight run took"
-    for name in ("policy", "prm"):
-        a, b = _adapter(runs / "straight", name), _adapter(part, name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} adapter differs"
-    assert not (part / "checkpoint-000003.tmp").exists(), "the stale partial checkpoint is cleaned up"
-    s1 = json.loads((runs / "straight" / "summary.json").read_text())
-    s2 = json.loads((part / "summary.json").read_text())
-    assert s1["acc_before"] == s2["acc_before"] and s1["acc_after"] == s2["acc_after"]
-
-
-@pytest.mark.parametrize("argv, needle", [
-    (["--resume", "/nonexistent/run"], "--resume: /nonexistent/run/config.json not found"),
-    (["--lr-policy", "1"], "only --steps, --save-every, --threads, --device, --show-progress may be given, not --lr-policy"),
+@pytest.mark.parametrize("argv, changes, needle", [
+    (["--resume", "/nonexistent/run"], {}, "--resume: /nonexistent/run/config.json not found"),
+    (["--lr-policy", "1"], {}, "only --steps, --save-every, --threads, --device, --show-progress may be given, not --lr-policy"),
+    ([], {}, "has no complete checkpoint"),
+    # Written by an older version: a field missing would silently take today's default.
+    ([], {"prm_init": None, "process_coef": None}, "was written by another version of prime_mini.py: it lacks "
+                                                   "prm_init, process_coef (today's defaults would stand in"),
+    ([], {"kl_coef": 0.1}, "it has kl_coef, which this version does not know"),
 ])
-def test_resume_refuses_what_it_cannot_do(tmp_path, argv, needle):
+def test_resume_refuses_what_it_cannot_do(tmp_path, argv, changes, needle):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"seed": 0}))
+    write_config(run, **changes)
     if "--resume" not in argv:
         argv = ["--resume", str(run)] + argv
     with pytest.raises(pm.ConfigError) as e:
         pm.parse_config(argv)
     assert needle in str(e.value)
-    with pytest.raises(pm.ConfigError) as e:
-        pm.parse_config(["--resume", str(run)])
-    assert "has no complete checkpoint" in str(e.value)
+
+
+def test_show_rewards_reads_an_older_config_with_a_warning(tmp_path):
+    write_config(tmp_path / "run", prm_init=None)
+    with pytest.warns(RuntimeWarning, match="it lacks prm_init"):
+        cfg, _ = pm.saved_config(str(tmp_path / "run"), "", strict=False)
+    assert cfg.prm_init == ""
+
+
+def test_compare_reuses_a_run_only_if_it_was_made_with_the_same_settings(tmp_path):
+    cfg = pm.parse_config(["--steps", "30", "--lr-prm", "1e-3"])
+    write_config(tmp_path / "same", **{**pm.dataclasses.asdict(cfg), "threads": 1, "show_progress": False})
+    ex.check_reusable(str(tmp_path / "same"), cfg)  # how it ran (threads, progress bars) does not matter
+    write_config(tmp_path / "other", **{**pm.dataclasses.asdict(cfg), "steps": 20, "process_coef": 1.0})
+    with pytest.raises(pm.ConfigError, match=r"other settings: steps 20 \(now 30\), process_coef 1.0 \(now 0.5\)"):
+        ex.check_reusable(str(tmp_path / "other"), cfg)
+    write_config(tmp_path / "old", **{**pm.dataclasses.asdict(cfg), "prm_init": None})
+    with pytest.raises(pm.ConfigError, match="it lacks prm_init"):
+        ex.check_reusable(str(tmp_path / "old"), cfg)
+
+
+def test_compare_stops_on_a_finished_run_made_with_other_flags_before_running_anything(tmp_path):
+    run = tmp_path / "c" / "prime-s0"
+    made = pm.parse_config(["--seed", "0", "--eval-every", "20", "--steps", "12"])
+    write_config(run, **pm.dataclasses.asdict(made))
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(pm.ConfigError, match=r"prime-s0 was made with other settings: steps 12 \(now 120\);"):
+        ex.compare_main(["--arms", "prime", "--seeds", "1", "--out-dir", str(tmp_path), "--name", "c"])
+    with pytest.raises(pm.ConfigError, match="compare sets --seed for each run itself"):
+        ex.compare_main(["--arms", "prime", "--seed", "1", "--out-dir", str(tmp_path), "--name", "c"])
 
 
 def test_prompt_stream_state_round_trips_mid_epoch():
@@ -120,8 +129,18 @@ def test_compare_table_means_over_seeds_and_reports_not_reached():
     assert "not reached" in ex.compare_markdown(table, "outcome", target, 2)
 
 
+def test_compare_table_says_when_it_cuts_seeds_to_the_shortest_curve():
+    results = {"outcome": [_fake([0.5] * 4, 1.0), _fake([0.7] * 3, 1.0)]}
+    with pytest.warns(RuntimeWarning, match="outcome: the seeds' curves have 4, 3 steps; all are cut to the shortest"):
+        table, _ = ex.compare_table(results, "outcome", window=2)
+    assert len(table["outcome"]["curve"]) == 3
+
+
 def test_arm_flags_named_and_custom_arms():
     assert ex.arm_flags("outcome") == ("outcome", ["--reward-mode", "outcome"])
+    assert ex.arm_flags("zero-prm") == ("zero-prm", ["--prm-update", "none"])
+    assert ex.arm_flags("offline:prm-init=r/adapters/prm:prm-update=none") == \
+        ("offline", ["--prm-init", "r/adapters/prm", "--prm-update", "none"])
     assert ex.arm_flags("coef1:process-coef=1.0:faithful") == ("coef1", ["--process-coef", "1.0", "--faithful"])
     with pytest.raises(pm.ConfigError, match="unknown arm 'nope'"):
         ex.arm_flags("nope")
@@ -151,6 +170,15 @@ def test_run_writes_a_reward_page_and_show_rewards_rebuilds_it(tmp_path):
     out = tmp_path / "again.html"
     ex.show_rewards_main([str(runs / "r"), "--prompts", "1", "--out", str(out)])
     assert out.read_text().count('class="resp"') == 2
+
+
+def test_tensorboard_asked_for_but_not_installed_is_said_not_skipped(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.warns(RuntimeWarning, match="tensorboard is not installed, so no event files are written"):
+        log, close = pm.make_logger(pm.Config(), str(tmp_path), 0)
+    log({"step": 1, "acc": 0.5})
+    close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "acc": 0.5}
 
 
 def test_tensorboard_events_hold_the_metrics_when_installed(tmp_path):

@@ -1,7 +1,7 @@
-"""Formula tests for the pure functions in `prm.py` and `rl.py` (spec PRIME_SPEC.md §2-6, §14).
+"""Formula tests for the pure functions in `prm.py` and `rl.py` (docs/ALGORITHM.md §2-6, §11).
 
 Every expected value is either computed by hand (numbers in comments) or by a plain Python loop
-over floats written from the spec, never by calling the module's own helpers. Tiny tensors, CPU.
+over floats written from docs/ALGORITHM.md, never by calling the module's own helpers. Tiny tensors, CPU.
 """
 import math
 import os
@@ -73,7 +73,7 @@ K3 = 3
 
 
 # --------------------------------------------------------------------------------------------
-# prm.implicit_rewards (spec §2.1-2.3)
+# prm.implicit_rewards (ALGORITHM.md §2.1-2.3)
 # --------------------------------------------------------------------------------------------
 
 def test_implicit_rewards_is_log_ratio_on_mask_and_exactly_zero_off_mask():
@@ -88,7 +88,7 @@ def test_implicit_rewards_is_log_ratio_on_mask_and_exactly_zero_off_mask():
 
 
 def test_implicit_rewards_zero_when_prm_equals_reference():
-    # zero-initialised LoRA: PRM == reference at step 0 -> every process reward is 0 (spec §14)
+    # zero-initialised LoRA: PRM == reference at step 0 -> every process reward is 0 (ALGORITHM.md §11)
     logp = t([[-1.3, -0.2, -5.0], [-0.7, -2.2, -0.01]])
     mask = t([[1, 1, 0], [1, 1, 1]])
     q = prm.implicit_rewards(logp, logp.clone(), mask)
@@ -96,7 +96,7 @@ def test_implicit_rewards_zero_when_prm_equals_reference():
 
 
 # --------------------------------------------------------------------------------------------
-# prm.ce_loss (spec §3.1)
+# prm.ce_loss (ALGORITHM.md §3.1)
 # --------------------------------------------------------------------------------------------
 
 def loop_ce(q_rows, r_o, mask_rows, beta):
@@ -147,7 +147,7 @@ def test_ce_loss_gradient_negative_for_correct_positive_for_wrong_zero_off_mask(
 
 
 # --------------------------------------------------------------------------------------------
-# prm.pairwise_accuracy = dpo_acc (spec §3.3)
+# prm.pairwise_accuracy = dpo_acc (ALGORITHM.md §3.2)
 # --------------------------------------------------------------------------------------------
 
 def _pa(sums, r_o, K=4):
@@ -202,7 +202,7 @@ def test_pairwise_accuracy_ignores_tokens_off_mask():
 
 
 # --------------------------------------------------------------------------------------------
-# rl.accuracy_filter (spec §6)
+# rl.accuracy_filter (ALGORITHM.md §6)
 # --------------------------------------------------------------------------------------------
 
 def test_accuracy_filter_band_edges_inclusive_with_k5():
@@ -239,7 +239,7 @@ def test_accuracy_filter_groups_are_consecutive_rows_and_band_is_monotone():
 
 
 # --------------------------------------------------------------------------------------------
-# rl.batch_norm (spec §2.4)
+# rl.batch_norm (ALGORITHM.md §2.4)
 # --------------------------------------------------------------------------------------------
 
 def loop_batch_norm(q_rows, mask_rows):
@@ -277,7 +277,7 @@ def test_batch_norm_caps_all_returns_to_go_at_one_and_respects_mask():
 
 
 # --------------------------------------------------------------------------------------------
-# rl.rloo_returns (spec §4.1-4.2, §14)
+# rl.rloo_returns (ALGORITHM.md §4.1-4.2, §11)
 # --------------------------------------------------------------------------------------------
 
 def loop_outcome_advantage(r_o, K):
@@ -291,7 +291,7 @@ def loop_outcome_advantage(r_o, K):
 
 
 def loop_rloo_process_scores(p_rows, mask_rows, K):
-    """Spec §4.2 steps 1-2: m_i = mean of p on the mask; s̃_t^i = (K p_t^i − Σ_j m_j)/(K−1) on mask."""
+    """ALGORITHM.md §4.2 steps 1-2: m_i = mean of p on the mask; s̃_t^i = (K p_t^i − Σ_j m_j)/(K−1) on mask."""
     m = []
     for pr, mr in zip(p_rows, mask_rows):
         n = sum(mr)
@@ -334,13 +334,13 @@ def test_rloo_outcome_only_is_leave_one_out_constant_on_valid_tokens_and_zero_of
                 assert R[i, k].item() == 0.0, f"returns must be exactly 0 off the mask at {(i, k)}"
 
 
-def test_rloo_process_matches_plain_loop_of_spec_step2_plus_reverse_cumsum():
+def test_rloo_process_matches_plain_loop_of_the_code_line_plus_reverse_cumsum():
     R = rl.rloo_returns(t(P_REW), t(R_O), t(MASK), K3)
     assert_tensor_matches(R, loop_rloo_returns(P_REW, R_O, MASK, K3), "rloo_returns")
 
 
 def test_rloo_process_return_at_first_token_equals_paper_eq5_form():
-    # G_1^i = Σ_t p_t^i − L_i·(1/(K−1)) Σ_{j≠i} m_j  + A_o^i   (spec §4.2: "Returns at t=1 are identical")
+    # G_1^i = Σ_t p_t^i − L_i·(1/(K−1)) Σ_{j≠i} m_j  + A_o^i   (ALGORITHM.md §4.2: "returns at the first token equal the paper's")
     R = rl.rloo_returns(t(P_REW), t(R_O), t(MASK), K3)
     _, m = loop_rloo_process_scores(P_REW, MASK, K3)
     A_o = loop_outcome_advantage(R_O, K3)
@@ -356,7 +356,7 @@ def test_rloo_process_return_at_first_token_equals_paper_eq5_form():
 def test_rloo_process_per_token_scores_differ_from_paper_after_first_token():
     # The code's LOO adds (p_t − m_i)/(K−1) per token (zero-sum per sequence): for t>1 the returns
     # generally differ from the paper's Σ_{s≥t}[p_s − (1/(K−1))Σ_{j≠i} m_j]. Checks the implementation
-    # follows the code line (spec §14) rather than the paper at later tokens.
+    # follows the code line (ALGORITHM.md §11) rather than the paper at later tokens.
     R = rl.rloo_returns(t(P_REW), t([0.0] * 6), t(MASK), K3)
     _, m = loop_rloo_process_scores(P_REW, MASK, K3)
     i, k = 1, 2
@@ -419,7 +419,7 @@ def test_rloo_first_token_returns_sum_to_zero_over_a_group_when_lengths_are_equa
 
 
 # --------------------------------------------------------------------------------------------
-# rl.masked_whiten (spec §4.2 step 5)
+# rl.masked_whiten (ALGORITHM.md §4.2 step 5)
 # --------------------------------------------------------------------------------------------
 
 def test_masked_whiten_mean_zero_unbiased_variance_one_on_valid_tokens_zero_off_mask():
@@ -445,7 +445,7 @@ def test_masked_whiten_mean_zero_unbiased_variance_one_on_valid_tokens_zero_off_
 
 
 # --------------------------------------------------------------------------------------------
-# rl.ppo_clip_loss (spec §5)
+# rl.ppo_clip_loss (ALGORITHM.md §5)
 # --------------------------------------------------------------------------------------------
 
 EPS = 0.2
@@ -568,7 +568,7 @@ def test_ppo_unknown_aggregation_raises_value_error():
 
 
 # --------------------------------------------------------------------------------------------
-# rl.grpo_returns (paper Eq. 7) and rl.reinforce_returns (paper Eq. 8), spec §4.3
+# rl.grpo_returns (paper Eq. 7) and rl.reinforce_returns (paper Eq. 8), ALGORITHM.md §4.3
 # --------------------------------------------------------------------------------------------
 
 def loop_std_unbiased(xs):

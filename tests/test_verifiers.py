@@ -98,6 +98,16 @@ def test_math_reason_says_why(response, reason):
     assert verifiers.math_reward(response, "55")[1] == reason, response
 
 
+def test_a_ground_truth_math_verify_cannot_parse_is_warned_about_once(recwarn):
+    """Its responses score 0 unless written exactly like it: a warning says so, once per ground truth."""
+    for response in ("\\boxed{5}", "\\boxed{6}", "the answer is 7"):
+        assert verifiers.math_reward(response, "}{ ") == (0.0, "wrong")
+    hits = [w for w in recwarn if "cannot parse the ground truth '}{ '" in str(w.message)]
+    assert len(hits) == 1 and hits[0].category is RuntimeWarning
+    verifiers.math_reward("\\boxed{6}", "5")
+    assert len(recwarn) == 1, "a ground truth that parses is not warned about"
+
+
 def test_pathological_math_answer_is_cut_off_by_the_time_limit():
     t = time.monotonic()
     score, reason = verifiers.math_reward("\\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "^{9^{9^{9}}}}", "1")
