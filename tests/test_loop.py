@@ -66,7 +66,7 @@ def drawn_gts(world, seed, positions):
 def scripted_verify(pass_gts):
     """A verify_batch whose groups pass the filter iff their ground truth is in `pass_gts`: the
     first of the K samples scores 1, the others 0 (accuracy 1/K); every other group scores 0."""
-    def verify(rows, texts, K, workers=4):
+    def verify(rows, texts, K, workers=4, mode="bwrap"):
         s = [float(k == 0 and r["reward_model"]["ground_truth"] in pass_gts) for r in rows for k in range(K)]
         return torch.tensor(s), {}
     return verify
