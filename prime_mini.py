@@ -52,6 +52,7 @@ import math
 import os
 import random
 import re
+import statistics
 import sys
 import time
 import warnings
@@ -868,16 +869,25 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc, with_se=False):
 SFT_BAND = {"acc_before": (0.43, 0.59), "greedy_before": (0.58, 0.85)}
 
 
-def start_report(cfg, ev):
-    """One line on where the SFT model landed relative to SFT_BAND, a warning when it is outside;
-    None when the run does not start from the embedded default's warm-up (the band is its own)."""
+def in_sft_band(cfg, ev):
+    """Whether the SFT model's before-RL accuracies `ev` lie inside SFT_BAND; None when the run
+    does not start from the embedded default's warm-up (the band is its own)."""
     d = Config()
     if cfg.model or (cfg.sft_data, cfg.test_data, cfg.eval_n, cfg.eval_samples, cfg.max_new_tokens) != \
             (d.sft_data, d.test_data, d.eval_n, d.eval_samples, d.max_new_tokens):
         return None
+    return all(lo <= ev[name] <= hi for name, (lo, hi) in SFT_BAND.items())
+
+
+def start_report(cfg, ev):
+    """One line on where the SFT model landed relative to SFT_BAND, a warning when it is outside;
+    None when the band does not apply (in_sft_band)."""
+    inside = in_sft_band(cfg, ev)
+    if inside is None:
+        return None
     (s_lo, s_hi), (g_lo, g_hi) = SFT_BAND["acc_before"], SFT_BAND["greedy_before"]
     band = f"sampled {s_lo:.2f}-{s_hi:.2f}, greedy {g_lo:.2f}-{g_hi:.2f}"
-    if s_lo <= ev["acc_before"] <= s_hi and g_lo <= ev["greedy_before"] <= g_hi:
+    if inside:
         return f"the SFT model is inside the band the defaults were tuned for ({band})"
     return (f"warning: the SFT model (sampled {ev['acc_before']:.3f}, greedy {ev['greedy_before']:.3f}) is outside "
             f"the band the defaults were tuned for ({band}); RL from here may not gain what the README reports. "
@@ -892,7 +902,7 @@ def drop_warning(step, acc, ev, history, cfg):
     noise = max(0.01, 2 * ev.get("acc_before_se", 0.0))
     if acc >= ev["acc_before"] - noise:
         return None
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = statistics.fmean
     causes = []
     ent = [m["entropy"] for m in history if "entropy" in m]
     if len(ent) >= 10:
@@ -908,8 +918,7 @@ def drop_warning(step, acc, ev, history, cfg):
     if kept and mean(kept) < 0.5 * cfg.P:
         causes.append(f"only {mean(kept):.0f} of {cfg.P} prompts per step pass the filter: the model is too weak or "
                       "too strong for --filter-low/--filter-high")
-    start = start_report(cfg, ev)
-    if start and start.startswith("warning"):
+    if in_sft_band(cfg, ev) is False:
         causes.append("the SFT model started outside the band the defaults were tuned for")
     return (f"warning: held-out sampled accuracy at step {step} is {acc:.3f}, {ev['acc_before'] - acc:.3f} below the "
             f"start ({ev['acc_before']:.3f}; noise ±{noise:.3f}). "
