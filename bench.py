@@ -105,17 +105,19 @@ def wrap_optimizer_and_backward(clock):
 
 def worker_ours(args, pm_argv):
     """Run prime_mini.run() for warmup+steps RL steps; return the measured steps' metrics."""
+    import config
     import prime_mini as pm
+    import sampling
     clock = ModelClock()
     wrap_optimizer_and_backward(clock)
-    gen = pm.generate
+    gen = sampling.generate
 
     def generate(*a, **kw):  # count the valid generated tokens (through the first EOS)
         resp, mask = gen(*a, **kw)
         clock.tokens += int(mask.sum().item())
         return resp, mask
-    pm.generate = clock.wrap(generate)
-    pm.token_logprobs = clock.wrap(pm.token_logprobs)
+    sampling.generate = clock.wrap(generate)
+    sampling.token_logprobs = clock.wrap(sampling.token_logprobs)
     collect, fmt = pm.collect, pm.fmt_step
 
     def collect_reset(*a, **kw):  # a step starts with collect(): start its clock afresh
@@ -128,7 +130,7 @@ def worker_ours(args, pm_argv):
         m["cpu_step"] = time.process_time() - clock.cpu0
         return fmt(step, cfg, m)
     pm.collect, pm.fmt_step = collect_reset, fmt_record
-    cfg = pm.parse_config(pm_argv + ["--steps", str(args.warmup + args.steps), "--eval-n", "1",
+    cfg = config.parse_config(pm_argv + ["--steps", str(args.warmup + args.steps), "--eval-n", "1",
                                      "--eval-samples", "1", "--no-show-progress", "--out-dir", args.out_dir,
                                      "--run-name", f"bench-{args.arm}"] + (["--threads", str(args.threads)] if args.threads else []))
     _, run_dir = pm.run(cfg)
@@ -139,24 +141,28 @@ def worker_ours(args, pm_argv):
 def worker_trl(args, pm_argv):
     """TRL's RLOOTrainer on the same work as `outcome, no filter`; per-step times via a callback."""
     import torch
+    import config
+    import models
     import prime_mini as pm
+    import sft
+    import tasks
     import verifiers
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
-    cfg = pm.parse_config(pm_argv + ["--no-show-progress", "--out-dir", args.out_dir])
+    cfg = config.parse_config(pm_argv + ["--no-show-progress", "--out-dir", args.out_dir])
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.seed)
-    path = cfg.model or pm.sft_warmup(cfg, "cpu")
-    tok = pm.load_tokenizer(path)
+    path = cfg.model or sft.sft_warmup(cfg, "cpu")
+    tok = models.load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     n_steps = args.warmup + args.steps
-    all_rows = [r for p in cfg.data.split(",") for r in pm.load_rows(p)]
+    all_rows = [r for p in cfg.data.split(",") for r in tasks.load_rows(p)]
     stream = pm.PromptStream(len(all_rows), cfg.seed)
     rows = [all_rows[stream.next()] for _ in range(cfg.P * n_steps)]  # the first prompts our loop would see
-    ds = Dataset.from_list([{"prompt": pm.prompt_text(tok, r["prompt"], r.get("ability")), "idx": i} for i, r in enumerate(rows)])
+    ds = Dataset.from_list([{"prompt": tasks.prompt_text(tok, r["prompt"], r.get("ability")), "idx": i} for i, r in enumerate(rows)])
 
     clock = ModelClock()
     wrap_optimizer_and_backward(clock)

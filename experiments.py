@@ -5,6 +5,9 @@ coloured by its implicit process reward β·q_t).
 Run through prime_mini.py:
     python prime_mini.py compare --arms prime,outcome --seeds 3
     python prime_mini.py show-rewards RUN_DIR
+
+It must not touch: the loop's internals. `compare` calls prime_mini.run() (passed in, so this module
+never imports prime_mini.py) and reads the runs' metrics.jsonl and summary.json.
 """
 import dataclasses
 import json
@@ -15,8 +18,13 @@ import warnings
 
 import torch
 
-import prime_mini as pm
 import prm
+from checkpoints import latest_checkpoint, load_adapters
+from config import Config, explicit_fields, parse_config, saved_config
+from evaluation import seeded
+from models import ConfigError, add_adapters, load_base
+from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd
+from tasks import check_sandbox, drop_long_prompts, load_rows, prompt_text, verify_batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,18 +74,18 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
     against π_ref, and write the page; prompts whose samples are both right and wrong come first."""
     n_prompts = n_prompts or cfg.reward_pages
     cand = rows[: 4 * n_prompts]
-    texts = [pm.prompt_text(tok, r["prompt"], r.get("ability")) for r in cand for _ in range(cfg.K)]
-    p_ids, p_mask = pm.encode_prompts(tok, texts, device)
+    texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in cand for _ in range(cfg.K)]
+    p_ids, p_mask = encode_prompts(tok, texts, device)
     model.set_adapter("policy")
-    with pm.seeded(cfg.eval_seed):
-        resp, mask = pm.generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature,
+    with seeded(cfg.eval_seed):
+        resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature,
                                  merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
-    r_o, _ = pm.verify_batch(cand, pm.decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers, cfg.sandbox)
-    batch = pm.Rollout(p_ids, p_mask, resp, mask, r_o, cand)
+    r_o, _ = verify_batch(cand, decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers, cfg.sandbox)
+    batch = Rollout(p_ids, p_mask, resp, mask, r_o, cand)
     model.set_adapter("prm")
-    logp_phi = pm.logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
+    logp_phi = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
     with model.disable_adapter():
-        logp_ref = pm.logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
+        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
     model.set_adapter("policy")
     r = cfg.beta * prm.implicit_rewards(logp_phi, logp_ref, mask)  # (B, T) β·q_t
     groups = []
@@ -107,20 +115,20 @@ def show_rewards_main(argv):
     ap.add_argument("--prompts", type=int, default=6, help="held-out prompts on the page (K responses each)")
     ap.add_argument("--out", default="", help="output file (default: RUN_DIR/rewards.html)")
     args = ap.parse_args(argv)
-    cfg, saved = pm.saved_config(args.run_dir, "", strict=False)  # an older run's page is still worth a look
+    cfg, saved = saved_config(args.run_dir, "", strict=False)  # an older run's page is still worth a look
     folder = os.path.join(args.run_dir, "adapters")
     if not os.path.isdir(folder):
-        ckpt = pm.latest_checkpoint(args.run_dir)
+        ckpt = latest_checkpoint(args.run_dir)
         if ckpt is None:
-            raise pm.ConfigError(f"{args.run_dir}: no adapters/ folder and no checkpoint")
+            raise ConfigError(f"{args.run_dir}: no adapters/ folder and no checkpoint")
         folder = os.path.join(ckpt, "adapters")
-    rows = pm.load_rows(cfg.test_data)
-    pm.check_sandbox(cfg.sandbox, rows)
+    rows = load_rows(cfg.test_data)
+    check_sandbox(cfg.sandbox, rows)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base, tok = pm.load_base(saved["base_path"], device, cfg)
-    model = pm.add_adapters(base, cfg)
-    pm.load_adapters(model, folder)
-    rows = pm.drop_long_prompts(rows, tok, cfg.max_prompt_len, cfg.test_data)
+    base, tok = load_base(saved["base_path"], device, cfg)
+    model = add_adapters(base, cfg)
+    load_adapters(model, folder)
+    rows = drop_long_prompts(rows, tok, cfg.max_prompt_len, cfg.test_data)
     return write_reward_page(model, tok, rows, cfg, device, args.out or os.path.join(args.run_dir, "rewards.html"),
                              args.run_dir, n_prompts=args.prompts)
 
@@ -146,7 +154,7 @@ def arm_flags(arm):
     name, *pairs = arm.split(":")
     if not pairs:
         if name not in ARMS:
-            raise pm.ConfigError(f"--arms: unknown arm {name!r}; use one of {', '.join(ARMS)} or NAME:flag=value")
+            raise ConfigError(f"--arms: unknown arm {name!r}; use one of {', '.join(ARMS)} or NAME:flag=value")
         return name, list(ARMS[name])
     flags = []
     for pair in pairs:
@@ -259,20 +267,21 @@ NOT_COMPARED = ("resume", "run_name", "out_dir", "threads", "device", "show_prog
 def check_reusable(run_dir, cfg):
     """Stop when a run folder that `compare` would reuse or resume was made with settings other
     than `cfg` (this arm and seed), or by another version (its config.json lacks a field)."""
-    old, _ = pm.saved_config(run_dir, "compare: ")
-    diff = [f"{f.name} {getattr(old, f.name)!r} (now {getattr(cfg, f.name)!r})" for f in dataclasses.fields(pm.Config)
+    old, _ = saved_config(run_dir, "compare: ")
+    diff = [f"{f.name} {getattr(old, f.name)!r} (now {getattr(cfg, f.name)!r})" for f in dataclasses.fields(Config)
             if f.name not in NOT_COMPARED and getattr(old, f.name) != getattr(cfg, f.name)]
     if diff:
-        raise pm.ConfigError(f"compare: {run_dir} was made with other settings: {', '.join(diff)}; "
+        raise ConfigError(f"compare: {run_dir} was made with other settings: {', '.join(diff)}; "
                              "remove that folder or choose another --name")
 
 
-def compare_main(argv):
+def compare_main(argv, run):
     """`python prime_mini.py compare --arms prime,outcome --seeds 3 [flags for every arm]`: runs
     every arm with every seed (same seed = same data order and the same SFT model), then writes
     compare.png, compare.md and compare.json into one folder. Finished runs are reused and an
     interrupted one resumes from its checkpoint, so the command can be run again after a kill; a
-    folder made with other settings stops the command, naming them."""
+    folder made with other settings stops the command, naming them. `run`: prime_mini.run, passed
+    in so that this module does not import the loop that imports it."""
     import argparse
     ap = argparse.ArgumentParser(prog="prime_mini.py compare", description=compare_main.__doc__, allow_abbrev=False)
     ap.add_argument("--arms", default="prime,outcome", help=f"comma-separated arms: {', '.join(ARMS)}, or NAME:flag=value:...")
@@ -283,15 +292,15 @@ def compare_main(argv):
     ap.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every this many steps")
     ap.add_argument("--window", type=int, default=10, help="steps in the trailing mean of the training reward")
     args, common = ap.parse_known_args(argv)
-    taken = pm._explicit_fields(common) & {"seed", "run_name", "resume"}
+    taken = explicit_fields(common) & {"seed", "run_name", "resume"}
     if taken:
-        raise pm.ConfigError(f"compare sets {', '.join('--' + f.replace('_', '-') for f in sorted(taken))} for "
+        raise ConfigError(f"compare sets {', '.join('--' + f.replace('_', '-') for f in sorted(taken))} for "
                              "each run itself (seeds 0..--seeds-1, folders under --name): leave it out")
     arms = [arm_flags(a) for a in args.arms.split(",")]
     names = [a[0] for a in arms]
     ref = args.ref or ("outcome" if "outcome" in names else names[0])
     if ref not in names:
-        raise pm.ConfigError(f"--ref: {ref!r} is not one of the arms ({', '.join(names)})")
+        raise ConfigError(f"--ref: {ref!r} is not one of the arms ({', '.join(names)})")
     name = args.name or time.strftime("compare-%Y%m%d-%H%M%S")
     folder = os.path.join(args.out_dir, name)
     plan = []  # check every arm's configuration before running anything
@@ -300,10 +309,10 @@ def compare_main(argv):
             run_dir = os.path.join(folder, f"{arm}-s{seed}")
             argv_ = common + flags + ["--seed", str(seed), "--out-dir", args.out_dir, "--run-name",
                                       f"{name}/{arm}-s{seed}", "--eval-every", str(args.eval_every)]
-            cfg = pm.parse_config(argv_)
+            cfg = parse_config(argv_)
             if cfg.steps < args.window:
-                raise pm.ConfigError(f"--steps {cfg.steps} is shorter than --window {args.window}")
-            if os.path.exists(os.path.join(run_dir, "summary.json")) or pm.latest_checkpoint(run_dir):
+                raise ConfigError(f"--steps {cfg.steps} is shorter than --window {args.window}")
+            if os.path.exists(os.path.join(run_dir, "summary.json")) or latest_checkpoint(run_dir):
                 check_reusable(run_dir, cfg)  # a run to reuse or resume must be the run asked for
             plan.append((arm, seed, run_dir, cfg))
     os.makedirs(folder, exist_ok=True)
@@ -312,9 +321,9 @@ def compare_main(argv):
             print(f"{arm} seed {seed}: done already ({run_dir})")
             continue
         print(f"\n=== {arm}, seed {seed} ===")
-        if pm.latest_checkpoint(run_dir):
-            cfg = pm.parse_config(["--resume", run_dir])
-        pm.run(cfg)
+        if latest_checkpoint(run_dir):
+            cfg = parse_config(["--resume", run_dir])
+        run(cfg)
     results = {arm: [] for arm in names}
     for arm, seed, run_dir, cfg in plan:
         results[arm].append({"metrics": [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))],

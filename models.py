@@ -14,6 +14,8 @@ quantized to 4-bit NF4 with bitsandbytes (QLoRA: Dettmers et al., 2023, arXiv 23
 `plan_memory` counts parameters by instantiating the architecture on the meta device (shapes
 only, no memory) from its config.json, or from the configs below embedded for the presets, so
 it works offline. Run:  python prime_mini.py --preset qwen2.5-math-7b --plan-memory
+
+It must not touch: data, rewards or optimizers (it builds and loads models; the loop trains them).
 """
 import importlib.util
 import json

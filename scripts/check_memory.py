@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 import prime_mini as pm  # noqa: E402
+import tasks  # noqa: E402
 
 MB = 1024 ** 2
 
@@ -59,7 +60,7 @@ def release_and_reset_peak():
 def build_checkpoint(path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     rows = pm.load_rows("data/arith_rl.jsonl")[:200]
-    corpus = [pm.SYSTEM_PROMPT, pm.TASK_SUFFIX["math"]] + [r["prompt"][-1]["content"] for r in rows]
+    corpus = [tasks.SYSTEM_PROMPT, tasks.TASK_SUFFIX["math"]] + [r["prompt"][-1]["content"] for r in rows]
     tok = models.build_chat_tokenizer(corpus)
     tok.save_pretrained(path)
     torch.manual_seed(0)

@@ -6,7 +6,10 @@ import sys
 
 import pytest
 
+import config
+import models
 import prime_mini as pm
+import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A micro configuration for end-to-end runs: a 1-layer tiny model, 20 SFT steps, 2 RL steps.
@@ -26,23 +29,23 @@ MICRO = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--ti
     (["--steps", "0"], "--steps: must be >= 1"),
 ])
 def test_invalid_config_names_the_flag(argv, needle):
-    with pytest.raises(pm.ConfigError) as e:
-        pm.parse_config(argv)
+    with pytest.raises(models.ConfigError) as e:
+        config.parse_config(argv)
     assert needle in str(e.value)
 
 
 def test_unknown_choice_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
-        pm.parse_config(["--prime-norm", "max"])
+        config.parse_config(["--prime-norm", "max"])
     assert "invalid choice: 'max'" in capsys.readouterr().err
 
 
 def test_faithful_resets_algorithmic_choices_but_explicit_flags_win():
-    cfg = pm.parse_config(["--faithful", "--process-coef", "0.5", "--prime-norm", "none"])
+    cfg = config.parse_config(["--faithful", "--process-coef", "0.5", "--prime-norm", "none"])
     assert cfg.prime_norm == "none" and cfg.process_coef == 0.5
-    cfg = pm.parse_config(["--faithful", "--prime-norm", "none"])
+    cfg = config.parse_config(["--faithful", "--prime-norm", "none"])
     assert cfg.process_coef == 1.0 and cfg.prm_warmup == 0 and cfg.prm_update == "single"
-    cfg = pm.parse_config(["--faithful", "--process-coef=0.5", "--no-merged-rollout"])
+    cfg = config.parse_config(["--faithful", "--process-coef=0.5", "--no-merged-rollout"])
     assert cfg.process_coef == 0.5 and not cfg.merged_rollout
 
 
@@ -53,29 +56,29 @@ def test_abbreviated_flags_are_refused_not_overridden_by_a_preset(argv, flag, ca
     """argparse would read `--process-co` as --process-coef, and --faithful would then replace the
     value with its own, as if the flag had not been given: the parser refuses abbreviations."""
     with pytest.raises(SystemExit) as e:
-        pm.parse_config(argv)
+        config.parse_config(argv)
     assert e.value.code == 2 and f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
 def test_prm_update_none_without_a_trained_prm_warns_that_process_rewards_are_zero():
     with pytest.warns(RuntimeWarning, match="every process reward is exactly 0"):
-        pm.parse_config(["--prm-update", "none"])
+        config.parse_config(["--prm-update", "none"])
 
 
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
-        pm.parse_config(["--help"])
+        config.parse_config(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for f in pm.dataclasses.fields(pm.Config):
+    for f in pm.dataclasses.fields(config.Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     flat = " ".join(out.split())  # argparse wraps lines
     assert "then constant: the stopping step is not known in advance)" in flat and "β in r_φ = β log π_φ/π_ref" in flat
 
 
 def test_every_config_field_has_help_text():
-    helps = pm._field_help()
-    missing = [f.name for f in pm.dataclasses.fields(pm.Config) if not helps.get(f.name)]
+    helps = config._field_help()
+    missing = [f.name for f in pm.dataclasses.fields(config.Config) if not helps.get(f.name)]
     assert not missing, f"fields without a comment: {missing}"
 
 
@@ -94,8 +97,8 @@ def test_malformed_row_names_file_and_line(tmp_path, line, needle):
     good = '{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": "2"}}'
     path = tmp_path / "bad.jsonl"
     path.write_text(good + "\n" + line + "\n")
-    with pytest.raises(pm.ConfigError) as e:
-        pm.load_rows(str(path))
+    with pytest.raises(models.ConfigError) as e:
+        tasks.load_rows(str(path))
     assert needle in str(e.value) and str(e.value).startswith(f"{path}:2: ")
 
 
@@ -188,9 +191,9 @@ def test_code_run_stops_before_any_model_when_bwrap_cannot_run(tmp_path, broken_
 
 def test_weaker_sandbox_runs_only_when_named_and_says_so(broken_bwrap, capsys):
     code = [{"ability": "code"}]
-    with pytest.raises(pm.ConfigError, match="bwrap cannot run here"):
-        pm.check_sandbox("bwrap", code)
-    pm.check_sandbox("rlimit", code)  # named: goes on, and says what it gives up
+    with pytest.raises(models.ConfigError, match="bwrap cannot run here"):
+        tasks.check_sandbox("bwrap", code)
+    tasks.check_sandbox("rlimit", code)  # named: goes on, and says what it gives up
     assert "code sandbox: rlimit, as asked" in capsys.readouterr().out
-    pm.check_sandbox("bwrap", [{"ability": "math"}])  # no code rows: nothing to sandbox, nothing to stop
-    assert pm.parse_config(["--sandbox", "rlimit"]).sandbox == "rlimit"
+    tasks.check_sandbox("bwrap", [{"ability": "math"}])  # no code rows: nothing to sandbox, nothing to stop
+    assert config.parse_config(["--sandbox", "rlimit"]).sandbox == "rlimit"

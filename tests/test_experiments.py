@@ -1,6 +1,7 @@
 """Resume and compare refusing a run made otherwise, the compare table, the token-reward page, logging.
 
 (Resume equal to a straight run, with a prompt buffer and after a kill: tests/test_loop.py.)"""
+import dataclasses
 import json
 import os
 import pickle
@@ -10,7 +11,10 @@ import sys
 
 import pytest
 
+import checkpoints
+import config
 import experiments as ex
+import models
 import prime_mini as pm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +38,7 @@ def _metrics(run_dir):
 def write_config(run, **changes):
     """A run folder's config.json as `run` writes it (all fields, the base path), with `changes`;
     a change to None removes the field."""
-    saved = {**pm.dataclasses.asdict(pm.Config()), "base_path": "runs/sft/x", "device_used": "cpu", **changes}
+    saved = {**dataclasses.asdict(config.Config()), "base_path": "runs/sft/x", "device_used": "cpu", **changes}
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if v is not None}))
 
@@ -53,39 +57,39 @@ def test_resume_refuses_what_it_cannot_do(tmp_path, argv, changes, needle):
     write_config(run, **changes)
     if "--resume" not in argv:
         argv = ["--resume", str(run)] + argv
-    with pytest.raises(pm.ConfigError) as e:
-        pm.parse_config(argv)
+    with pytest.raises(models.ConfigError) as e:
+        config.parse_config(argv)
     assert needle in str(e.value)
 
 
 def test_show_rewards_reads_an_older_config_with_a_warning(tmp_path):
     write_config(tmp_path / "run", prm_init=None)
     with pytest.warns(RuntimeWarning, match="it lacks prm_init"):
-        cfg, _ = pm.saved_config(str(tmp_path / "run"), "", strict=False)
+        cfg, _ = config.saved_config(str(tmp_path / "run"), "", strict=False)
     assert cfg.prm_init == ""
 
 
 def test_compare_reuses_a_run_only_if_it_was_made_with_the_same_settings(tmp_path):
-    cfg = pm.parse_config(["--steps", "30", "--lr-prm", "1e-3"])
-    write_config(tmp_path / "same", **{**pm.dataclasses.asdict(cfg), "threads": 1, "show_progress": False})
+    cfg = config.parse_config(["--steps", "30", "--lr-prm", "1e-3"])
+    write_config(tmp_path / "same", **{**dataclasses.asdict(cfg), "threads": 1, "show_progress": False})
     ex.check_reusable(str(tmp_path / "same"), cfg)  # how it ran (threads, progress bars) does not matter
-    write_config(tmp_path / "other", **{**pm.dataclasses.asdict(cfg), "steps": 20, "process_coef": 1.0})
-    with pytest.raises(pm.ConfigError, match=r"other settings: steps 20 \(now 30\), process_coef 1.0 \(now 0.5\)"):
+    write_config(tmp_path / "other", **{**dataclasses.asdict(cfg), "steps": 20, "process_coef": 1.0})
+    with pytest.raises(models.ConfigError, match=r"other settings: steps 20 \(now 30\), process_coef 1.0 \(now 0.5\)"):
         ex.check_reusable(str(tmp_path / "other"), cfg)
-    write_config(tmp_path / "old", **{**pm.dataclasses.asdict(cfg), "prm_init": None})
-    with pytest.raises(pm.ConfigError, match="it lacks prm_init"):
+    write_config(tmp_path / "old", **{**dataclasses.asdict(cfg), "prm_init": None})
+    with pytest.raises(models.ConfigError, match="it lacks prm_init"):
         ex.check_reusable(str(tmp_path / "old"), cfg)
 
 
 def test_compare_stops_on_a_finished_run_made_with_other_flags_before_running_anything(tmp_path):
     run = tmp_path / "c" / "prime-s0"
-    made = pm.parse_config(["--seed", "0", "--eval-every", "20", "--steps", "12"])
-    write_config(run, **pm.dataclasses.asdict(made))
+    made = config.parse_config(["--seed", "0", "--eval-every", "20", "--steps", "12"])
+    write_config(run, **dataclasses.asdict(made))
     (run / "summary.json").write_text("{}")
-    with pytest.raises(pm.ConfigError, match=rf"prime-s0 was made with other settings: steps 12 \(now {pm.Config().steps}\);"):
-        ex.compare_main(["--arms", "prime", "--seeds", "1", "--out-dir", str(tmp_path), "--name", "c"])
-    with pytest.raises(pm.ConfigError, match="compare sets --seed for each run itself"):
-        ex.compare_main(["--arms", "prime", "--seed", "1", "--out-dir", str(tmp_path), "--name", "c"])
+    with pytest.raises(models.ConfigError, match=rf"prime-s0 was made with other settings: steps 12 \(now {config.Config().steps}\);"):
+        ex.compare_main(["--arms", "prime", "--seeds", "1", "--out-dir", str(tmp_path), "--name", "c"], pm.run)
+    with pytest.raises(models.ConfigError, match="compare sets --seed for each run itself"):
+        ex.compare_main(["--arms", "prime", "--seed", "1", "--out-dir", str(tmp_path), "--name", "c"], pm.run)
 
 
 def test_prompt_stream_state_round_trips_mid_epoch():
@@ -142,7 +146,7 @@ def test_arm_flags_named_and_custom_arms():
     assert ex.arm_flags("offline:prm-init=r/adapters/prm:prm-update=none") == \
         ("offline", ["--prm-init", "r/adapters/prm", "--prm-update", "none"])
     assert ex.arm_flags("coef1:process-coef=1.0:faithful") == ("coef1", ["--process-coef", "1.0", "--faithful"])
-    with pytest.raises(pm.ConfigError, match="unknown arm 'nope'"):
+    with pytest.raises(models.ConfigError, match="unknown arm 'nope'"):
         ex.arm_flags("nope")
 
 
@@ -175,7 +179,7 @@ def test_run_writes_a_reward_page_and_show_rewards_rebuilds_it(tmp_path):
 def test_tensorboard_asked_for_but_not_installed_is_said_not_skipped(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     with pytest.warns(RuntimeWarning, match="tensorboard is not installed, so no event files are written"):
-        log, close = pm.make_logger(pm.Config(), str(tmp_path), 0)
+        log, close = checkpoints.make_logger(config.Config(), str(tmp_path), 0)
     log({"step": 1, "acc": 0.5})
     close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "acc": 0.5}

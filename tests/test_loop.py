@@ -17,8 +17,13 @@ import types
 import pytest
 import torch
 
+import checkpoints
+import config
+import models
 import prime_mini as pm
 import prm
+import sampling
+import tasks
 from test_model import tiny_cfg
 
 
@@ -39,11 +44,11 @@ def one_thread():
 def world(tmp_path_factory):
     """A saved micro base model (random weights, the character tokenizer) and small data files."""
     d = tmp_path_factory.mktemp("loop")
-    tok = pm.build_char_tokenizer()
+    tok = models.build_char_tokenizer()
     torch.manual_seed(0)
     base = os.path.join(d, "base")
-    pm.build_tiny_model(micro_cfg(), tok).save_pretrained(base)
-    pm.save_tokenizer(tok, base)
+    models.build_tiny_model(micro_cfg(), tok).save_pretrained(base)
+    models.save_tokenizer(tok, base)
 
     def row(a, gt):
         return {"prompt": [{"role": "user", "content": a}], "ability": "math", "reward_model": {"ground_truth": gt}}
@@ -123,19 +128,19 @@ def random_batch(world, cfg, n_groups, seed=0, T=9):
     """A rollout batch of `n_groups` groups with rows of different lengths and mixed outcomes."""
     g = torch.Generator().manual_seed(seed)
     B = n_groups * cfg.K
-    texts = [pm.prompt_text(world.tok, world.train[i]["prompt"]) for i in range(n_groups) for _ in range(cfg.K)]
-    ids, am = pm.encode_prompts(world.tok, texts, "cpu")
+    texts = [tasks.prompt_text(world.tok, world.train[i]["prompt"]) for i in range(n_groups) for _ in range(cfg.K)]
+    ids, am = sampling.encode_prompts(world.tok, texts, "cpu")
     resp = torch.randint(4, len(world.tok), (B, T), generator=g)
     lengths = torch.randint(2, T + 1, (B,), generator=g)
     mask = (torch.arange(T).expand(B, T) < lengths[:, None]).float()  # (B, T)
     r_o = torch.tensor([float(i % cfg.K == 0) for i in range(B)])  # one right answer per group
-    return pm.Rollout(ids, am, resp, mask, r_o, world.train[:n_groups])
+    return sampling.Rollout(ids, am, resp, mask, r_o, world.train[:n_groups])
 
 
 def adapted_model(world, cfg, seed=1):
     """The micro base with both adapters set to small random values (so π_θ, π_φ, π_ref differ)."""
-    base, _ = pm.load_base(world.base, "cpu", cfg)
-    model = pm.add_adapters(base, cfg)
+    base, _ = models.load_base(world.base, "cpu", cfg)
+    model = models.add_adapters(base, cfg)
     torch.manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -160,9 +165,9 @@ def hand_grads(world, cfg, adapter, loss_of_logp, batch, rows):
     (the same random adapters), computed in one piece: what the first optimizer step must see."""
     model = adapted_model(world, cfg)
     model.set_adapter(adapter)
-    logp = pm.token_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.resp[rows], batch.mask[rows])
+    logp = sampling.token_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.resp[rows], batch.mask[rows])
     loss_of_logp(logp, rows).backward()
-    return [p.grad for p in pm.adapter_params(model, adapter)]
+    return [p.grad for p in models.adapter_params(model, adapter)]
 
 
 def assert_grads_close(got, want):
@@ -181,8 +186,8 @@ def test_prm_step_on_a_partial_batch_makes_one_step_per_minibatch_and_weights_mi
         model = adapted_model(world, cfg)
         batch = random_batch(world, cfg, n_groups)
         with model.disable_adapter():
-            logp_ref = pm.logprobs_nograd(model, batch, 4)
-        opt = torch.optim.AdamW(pm.adapter_params(model, "prm"), lr=1e-2)
+            logp_ref = sampling.logprobs_nograd(model, batch, 4)
+        opt = torch.optim.AdamW(models.adapter_params(model, "prm"), lr=1e-2)
         grads = recorded_grads(monkeypatch, opt)
         q, st = pm.prm_step(model, batch, logp_ref, cfg, opt)
         runs.append((q, st, grads))
@@ -209,9 +214,9 @@ def test_policy_step_micro_batches_add_up_to_each_minibatch_loss_in_one_piece(wo
         model = adapted_model(world, cfg)
         batch = random_batch(world, cfg, 3)
         model.set_adapter("policy")
-        logp_old = pm.logprobs_nograd(model, batch, 4)
+        logp_old = sampling.logprobs_nograd(model, batch, 4)
         A = torch.randn(batch.B, batch.resp.shape[1], generator=torch.Generator().manual_seed(3)) * batch.mask
-        opt = torch.optim.AdamW(pm.adapter_params(model, "policy"), lr=1e-2)
+        opt = torch.optim.AdamW(models.adapter_params(model, "policy"), lr=1e-2)
         grads = recorded_grads(monkeypatch, opt)
         st = pm.policy_step(model, batch, logp_old, A, cfg, opt, torch.Generator().manual_seed(0))
         runs.append((st, grads))
@@ -241,17 +246,17 @@ def test_token_mean_gives_the_gradient_of_the_batch_token_mean_and_differs_from_
         batch = random_batch(world, cfg, 2)
         model.set_adapter("policy")
         A = torch.randn(batch.B, batch.resp.shape[1], generator=torch.Generator().manual_seed(3)) * batch.mask
-        opt = torch.optim.AdamW(pm.adapter_params(model, "policy"), lr=1e-2)
+        opt = torch.optim.AdamW(models.adapter_params(model, "policy"), lr=1e-2)
         grads[loss_agg] = recorded_grads(monkeypatch, opt)
         pm.policy_step(model, batch, None, A, cfg, opt, torch.Generator().manual_seed(0))
     # By hand: Σ_tokens ℓ_t / Σ_tokens 1 over the whole batch, one piece (ρ = 1 at the first step).
     model = adapted_model(world, cfg)
     model.set_adapter("policy")
-    logp = pm.token_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.resp, batch.mask)
+    logp = sampling.token_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.resp, batch.mask)
     ratio = torch.exp(logp - logp.detach())
     loss = (-A * ratio * batch.mask).sum() / batch.mask.sum()
     loss.backward()
-    want = [p.grad for p in pm.adapter_params(model, "policy")]
+    want = [p.grad for p in models.adapter_params(model, "policy")]
     for a, b in zip(grads["token-mean"][0], want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(grads["seq-mean-token-mean"][0], want)), \
@@ -269,11 +274,11 @@ def test_single_forward_returns_the_prm_scores_before_its_update_and_double_afte
         batch = random_batch(world, cfg, 2)
         model.set_adapter("prm")
         with model.disable_adapter():
-            logp_ref = pm.logprobs_nograd(model, batch, 4)
-        q_before = prm.implicit_rewards(pm.logprobs_nograd(model, batch, 4), logp_ref, batch.mask)
-        q, st = pm.prm_step(model, batch, logp_ref, cfg, torch.optim.AdamW(pm.adapter_params(model, "prm"), lr=1e-1))
+            logp_ref = sampling.logprobs_nograd(model, batch, 4)
+        q_before = prm.implicit_rewards(sampling.logprobs_nograd(model, batch, 4), logp_ref, batch.mask)
+        q, st = pm.prm_step(model, batch, logp_ref, cfg, torch.optim.AdamW(models.adapter_params(model, "prm"), lr=1e-1))
         model.set_adapter("prm")
-        q_after = prm.implicit_rewards(pm.logprobs_nograd(model, batch, 4), logp_ref, batch.mask)
+        q_after = prm.implicit_rewards(sampling.logprobs_nograd(model, batch, 4), logp_ref, batch.mask)
         results[mode] = (q, q_before, q_after, st)
     q, q_before, q_after, st = results["single"]
     # Mini-batch 1 (rows 0-1) is scored by the PRM before any update; mini-batch 2 by the PRM
@@ -298,7 +303,7 @@ def test_process_return_is_coef_times_normalised_q_through_the_leave_one_out(pri
     K, T = 2, 4
     q = torch.tensor([[0.5, -1.0, 2.0, 9.0], [1.0, 1.0, 0.0, 0.0], [-2.0, 0.5, 0.5, 0.5], [3.0, 9.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-    batch = pm.Rollout(None, None, torch.zeros(4, T, dtype=torch.long), mask, torch.tensor([1.0, 0, 0, 1]), [])
+    batch = sampling.Rollout(None, None, torch.zeros(4, T, dtype=torch.long), mask, torch.tensor([1.0, 0, 0, 1]), [])
     cfg = micro_cfg(K=K, prime_norm=prime_norm, process_coef=coef, beta=0.05)
     A, st = pm.advantages(q, batch, cfg, use_process=True)
     # By hand (plain loops): the scale, then G_i = Σ_t s̃_t^i with s̃ = (K p_t − Σ_j m_j)/(K − 1).
@@ -331,7 +336,7 @@ def test_filter_on_partial_batches_and_resume_with_a_prompt_buffer_equal_a_strai
     lrs = count_optimizer_steps(monkeypatch)
     flags = ["--P", "4", "--prm-minibatches", "4", "--policy-minibatches", "2", "--max-rollout-rounds", "2",
              "--filter-low", "0.2", "--filter-high", "0.8", "--prm-warmup", "0", "--lr-policy", "1e-3"]
-    summary, straight = pm.run(pm.parse_config(argv(world, "straight", "--steps", "4", *flags)))
+    summary, straight = pm.run(config.parse_config(argv(world, "straight", "--steps", "4", *flags)))
     out = capsys.readouterr().out
     m = metrics(straight)
     assert [x["kept"] for x in m] == [1, 4, 4, 3] and [x["generated"] for x in m] == [16, 16, 12, 16]
@@ -343,7 +348,7 @@ def test_filter_on_partial_batches_and_resume_with_a_prompt_buffer_equal_a_strai
     assert summary["eval_prompts"] == 4
 
     part_argv = argv(world, "part", "--steps", "2", "--save-every", "1", *flags)
-    _, part = pm.run(pm.parse_config(part_argv))
+    _, part = pm.run(config.parse_config(part_argv))
     assert sorted(d for d in os.listdir(part) if d.startswith("checkpoint")) == ["checkpoint-000002"], \
         "only the newest checkpoint is kept"
     state = torch.load(os.path.join(part, "checkpoint-000002", "state.pt"), weights_only=False)
@@ -354,7 +359,7 @@ def test_filter_on_partial_batches_and_resume_with_a_prompt_buffer_equal_a_strai
     with open(os.path.join(part, "metrics.jsonl"), "a") as f:
         f.write('{"step": 3, "acc": 0.2')
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable line"):
-        pm.run(pm.parse_config(["--resume", part, "--steps", "4", "--no-show-progress"]))
+        pm.run(config.parse_config(["--resume", part, "--steps", "4", "--no-show-progress"]))
     assert "resuming from" in capsys.readouterr().out
     assert metrics(part) == m, "the resumed run takes exactly the steps the straight run took"
     for name in ("policy", "prm"):
@@ -367,7 +372,7 @@ def test_open_metrics_keeps_the_readable_lines_around_a_damaged_one(tmp_path):
     lines = ['{"step": 1}', '{"step": 2, "acc": 0.', '{"step": 2}', '{"step": 3}', '{"step": 4, "a']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.warns(RuntimeWarning, match="skipped 2 unreadable line"):
-        pm.open_metrics(str(tmp_path), 3).close()
+        checkpoints.open_metrics(str(tmp_path), 3).close()
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
@@ -378,7 +383,7 @@ def every_step_passes(world, seed=0, n=40):
 
 def test_prm_warmup_keeps_the_process_return_exactly_zero_for_its_steps(world, monkeypatch):
     monkeypatch.setattr(pm, "verify_batch", every_step_passes(world))
-    _, run_dir = pm.run(pm.parse_config(argv(world, "warmup", "--steps", "4", "--prm-warmup", "3")))
+    _, run_dir = pm.run(config.parse_config(argv(world, "warmup", "--steps", "4", "--prm-warmup", "3")))
     m = metrics(run_dir)
     assert [x["process_on"] for x in m] == [False, False, False, True]
     assert [x["ret_process"] for x in m[:3]] == [0.0, 0.0, 0.0] and m[3]["ret_process"] > 0
@@ -396,7 +401,7 @@ def test_prm_gate_follows_the_ema_of_fresh_ranking_accuracy(world, monkeypatch):
         q, st = orig(*a, **kw)
         return q, {**st, "prm_acc_fresh": next(fresh)}
     monkeypatch.setattr(pm, "prm_step", scripted_prm_step)
-    _, run_dir = pm.run(pm.parse_config(argv(world, "gate", "--steps", "4", "--prm-warmup", "0", "--prm-gate", "0.54")))
+    _, run_dir = pm.run(config.parse_config(argv(world, "gate", "--steps", "4", "--prm-warmup", "0", "--prm-gate", "0.54")))
     m = metrics(run_dir)
     assert [x["prm_acc_ema"] for x in m] == pytest.approx([0.5, 0.55, 0.595, 0.5355])
     assert [x["process_on"] for x in m] == [False, True, True, False]
@@ -410,13 +415,13 @@ def test_reference_log_probs_are_the_rollout_policys_or_the_frozen_bases(world, 
 
     def spy(model, batch, logp_ref, cfg, opt_prm):
         model.set_adapter("policy")
-        policy = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+        policy = sampling.logprobs_nograd(model, batch, cfg.micro_batch)
         with model.disable_adapter():
-            base = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+            base = sampling.logprobs_nograd(model, batch, cfg.micro_batch)
         seen.append((logp_ref.clone(), policy, base))
         return orig(model, batch, logp_ref, cfg, opt_prm)
     monkeypatch.setattr(pm, "prm_step", spy)
-    pm.run(pm.parse_config(argv(world, f"ref-{ref_type}", "--steps", "2", "--ref-type", ref_type)))
+    pm.run(config.parse_config(argv(world, f"ref-{ref_type}", "--steps", "2", "--ref-type", ref_type)))
     assert len(seen) == 2
     for ref, policy, base in seen:
         torch.testing.assert_close(ref, policy if ref_type == "policy" else base, rtol=0, atol=1e-6)
@@ -432,13 +437,13 @@ def test_faithful_policy_minibatches_use_the_rollout_policys_log_probs_as_old(wo
 
     def spy(model, batch, logp_old, A, cfg, opt_policy, gen):
         model.set_adapter("policy")
-        seen.append((logp_old.clone(), pm.logprobs_nograd(model, batch, cfg.micro_batch)))
+        seen.append((logp_old.clone(), sampling.logprobs_nograd(model, batch, cfg.micro_batch)))
         st = orig(model, batch, logp_old, A, cfg, opt_policy, gen)
         seen[-1] += (st,)
         return st
     monkeypatch.setattr(pm, "policy_step", spy)
     lrs = count_optimizer_steps(monkeypatch)
-    cfg = pm.parse_config(argv(world, "faithful", "--steps", "2", "--faithful", "--P", "3", "--lr-policy", "5e-3"))
+    cfg = config.parse_config(argv(world, "faithful", "--steps", "2", "--faithful", "--P", "3", "--lr-policy", "5e-3"))
     assert cfg.policy_minibatches == 4 and cfg.prm_update == "single"
     pm.run(cfg)
     assert lrs.count(5e-3) == 3 + 3, "3 kept groups: min(4, 3) = 3 policy steps a step"
@@ -456,9 +461,9 @@ def test_prm_init_loads_a_trained_prm_that_prm_update_none_keeps_frozen(world, m
     trained.save_pretrained(str(tmp_path / "adapters"))
     prm_dir = str(tmp_path / "adapters" / "prm")
     with pytest.warns(RuntimeWarning, match="every process reward is exactly 0"):
-        pm.parse_config(argv(world, "zero", "--prm-update", "none"))
+        config.parse_config(argv(world, "zero", "--prm-update", "none"))
     lrs = count_optimizer_steps(monkeypatch)
-    _, run_dir = pm.run(pm.parse_config(argv(world, "offline", "--steps", "2", "--prm-init", prm_dir,
+    _, run_dir = pm.run(config.parse_config(argv(world, "offline", "--steps", "2", "--prm-init", prm_dir,
                                              "--prm-update", "none", "--prm-warmup", "0", "--lr-policy", "1e-3")))
     saved, after = adapter(str(tmp_path), "prm"), adapter(run_dir, "prm")
     assert saved.keys() == after.keys() and all(torch.equal(saved[k], after[k]) for k in saved), "frozen"
@@ -469,16 +474,16 @@ def test_prm_init_loads_a_trained_prm_that_prm_update_none_keeps_frozen(world, m
 def test_prm_init_refuses_an_adapter_that_does_not_fit(world, tmp_path):
     cfg = micro_cfg()
     adapted_model(world, cfg).save_pretrained(str(tmp_path / "a"))
-    with pytest.raises(pm.ConfigError, match="the adapter has r = 4, this run's PRM 8"):
-        pm.parse_config(argv(world, "x", "--prm-init", str(tmp_path / "a" / "prm"), "--prm-lora-r", "8"))
+    with pytest.raises(models.ConfigError, match="the adapter has r = 4, this run's PRM 8"):
+        config.parse_config(argv(world, "x", "--prm-init", str(tmp_path / "a" / "prm"), "--prm-lora-r", "8"))
     # A file with one tensor less (a partial match that peft alone would load without a word).
     from safetensors.torch import load_file, save_file
     path = tmp_path / "a" / "prm" / "adapter_model.safetensors"
     weights = load_file(str(path))
     save_file({k: v for k, v in list(weights.items())[1:]}, str(path))
     model = adapted_model(world, cfg)
-    with pytest.raises(pm.ConfigError, match="1 of its tensors are not in the file"):
-        pm.load_adapter(model, str(tmp_path / "a" / "prm"), "prm")
+    with pytest.raises(models.ConfigError, match="1 of its tensors are not in the file"):
+        checkpoints.load_adapter(model, str(tmp_path / "a" / "prm"), "prm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,17 +493,17 @@ def test_generation_and_mask_stop_at_every_end_token_of_the_generation_config(wo
     cfg = micro_cfg()
     model = adapted_model(world, cfg)
     tok = world.tok
-    texts = [pm.prompt_text(tok, r["prompt"]) for r in world.train[:6]]
-    ids, am = pm.encode_prompts(tok, texts, "cpu")
+    texts = [tasks.prompt_text(tok, r["prompt"]) for r in world.train[:6]]
+    ids, am = sampling.encode_prompts(tok, texts, "cpu")
     torch.manual_seed(0)
-    resp, mask = pm.generate(model, tok, ids, am, 10, 1.0)
+    resp, mask = sampling.generate(model, tok, ids, am, 10, 1.0)
     assert mask.sum(1).min() >= 3, "no row ends early by chance here"
     j = next(t for t in range(1, 10) if resp[0, t] not in resp[0, :t])
     second = resp[0, j].item()  # a token row 0 samples only at position j: declare it an end token too
     model.generation_config.eos_token_id = [tok.eos_token_id, second]
-    assert pm.end_tokens(model, tok) == sorted({tok.eos_token_id, second})
+    assert sampling.end_tokens(model, tok) == sorted({tok.eos_token_id, second})
     torch.manual_seed(0)
-    resp2, mask2 = pm.generate(model, tok, ids, am, 10, 1.0)
+    resp2, mask2 = sampling.generate(model, tok, ids, am, 10, 1.0)
     for i in range(len(texts)):
         ends = [t for t in range(resp2.shape[1]) if resp2[i, t].item() in (tok.eos_token_id, second)]
         n = ends[0] + 1 if ends else resp2.shape[1]
@@ -510,20 +515,52 @@ def test_generation_and_mask_stop_at_every_end_token_of_the_generation_config(wo
 
 def test_pad_equal_to_eos_masks_and_decodes_up_to_the_first_eos(world):
     """SmolLM2 and Qwen pad with their EOS: everything after the first one is padding."""
-    tok = pm.build_char_tokenizer()
+    tok = models.build_char_tokenizer()
     tok.pad_token = tok.eos_token
     eos = tok.eos_token_id
     resp = torch.tensor([[5, 6, eos, eos, eos], [7, eos, eos, eos, eos], [5, 6, 7, 8, 9]])
-    mask = pm.response_mask(resp, [eos])
+    mask = sampling.response_mask(resp, [eos])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-    assert pm.decode_responses(tok, resp, mask) == [tok.decode([5, 6]), tok.decode([7]), tok.decode([5, 6, 7, 8, 9])]
+    assert sampling.decode_responses(tok, resp, mask) == [tok.decode([5, 6]), tok.decode([7]), tok.decode([5, 6, 7, 8, 9])]
     cfg = micro_cfg()
     model = adapted_model(world, cfg)
-    texts = [pm.prompt_text(tok, r["prompt"]) for r in world.train[:8]]
-    ids, am = pm.encode_prompts(tok, texts, "cpu")
+    texts = [tasks.prompt_text(tok, r["prompt"]) for r in world.train[:8]]
+    ids, am = sampling.encode_prompts(tok, texts, "cpu")
     torch.manual_seed(0)
-    resp, mask = pm.generate(model, tok, ids, am, 12, 1.0)
+    resp, mask = sampling.generate(model, tok, ids, am, 12, 1.0)
     for i in range(resp.shape[0]):
         ends = (resp[i] == eos).nonzero().flatten().tolist()
         n = ends[0] + 1 if ends else resp.shape[1]
         assert mask[i].sum().item() == n and torch.all(resp[i, n:] == eos)
+
+
+def test_one_step_produces_the_shapes_the_readme_names(world, monkeypatch):
+    """README "Read the code" walks through one RL step naming each tensor with its shape: run
+    the step's functions as run() does and check every `name` (shape) pair of that table."""
+    import re
+    cfg = micro_cfg(P=3, K=2, policy_minibatches=2, prm_minibatches=2, max_new_tokens=8)
+    monkeypatch.setattr(pm, "verify_batch", scripted_verify({r["reward_model"]["ground_truth"] for r in world.train}))
+    model = adapted_model(world, cfg)
+    model.set_adapter("policy")
+    stream = pm.PromptStream(len(world.train), cfg.seed)
+    batch, _ = pm.collect(model, world.tok, cfg, world.train, stream, [], "cpu")
+    logp_old = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+    with model.disable_adapter():
+        logp_ref = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+    opt = torch.optim.AdamW(models.adapter_params(model, "prm"), lr=1e-3)
+    q, _ = pm.prm_step(model, batch, logp_ref, cfg, opt)
+    A, _ = pm.advantages(q, batch, cfg, use_process=True)
+    stats = pm.policy_step(model, batch, logp_old, A, cfg, torch.optim.AdamW(models.adapter_params(model, "policy")),
+                           torch.Generator().manual_seed(0))
+    assert math.isfinite(stats["pg_loss"]), "the step ran through"
+    got = {"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask, "resp": batch.resp, "mask": batch.mask,
+           "r_o": batch.r_o, "logp_old": logp_old, "logp_ref": logp_ref, "q": q, "A": A}
+    size = {"B": cfg.P * cfg.K, "T": batch.resp.shape[1], "Tp": batch.prompt_ids.shape[1]}
+    assert batch.resp.shape[1] <= cfg.max_new_tokens and size["Tp"] > 1
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    table = readme.split("**One RL step, block by block**")[1].split("\n\n")[1]
+    named = re.findall(r"`(\w+)` \(([\w, ]*)\)", table)
+    assert {n for n, _ in named} == set(got), f"the table names {sorted({n for n, _ in named})}, the test checks {sorted(got)}"
+    for name, shape in named:
+        want = tuple(size[d.strip()] for d in shape.split(",") if d.strip())
+        assert tuple(got[name].shape) == want, f"README: `{name}` ({shape}), the code gives {tuple(got[name].shape)}"

@@ -1,16 +1,24 @@
 """Models, adapters, sampling helpers and the parts of the loop, on a tiny random Qwen2 (CPU)."""
 
+import json
 import math
+import os
 
 import pytest
 import torch
 
+import config
+import evaluation
+import models
 import prime_mini as pm
 import prm
+import sampling
+import sft
+import tasks
 
 
 def tiny_cfg(**kw):
-    cfg = pm.Config(tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_intermediate=64, lora_r=4, prm_lora_r=4,
+    cfg = config.Config(tiny_hidden=32, tiny_layers=2, tiny_heads=2, tiny_intermediate=64, lora_r=4, prm_lora_r=4,
                     P=2, K=4, micro_batch=4, show_progress=False)
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -19,15 +27,15 @@ def tiny_cfg(**kw):
 
 @pytest.fixture(scope="module")
 def tok():
-    return pm.build_char_tokenizer()
+    return models.build_char_tokenizer()
 
 
 def make_model(tok, cfg, seed=0):
     torch.manual_seed(seed)
-    base = pm.build_tiny_model(cfg, tok).eval()
+    base = models.build_tiny_model(cfg, tok).eval()
     for p in base.parameters():
         p.requires_grad_(False)
-    model = pm.add_adapters(base, cfg)
+    model = models.add_adapters(base, cfg)
     return model
 
 
@@ -35,19 +43,19 @@ def make_batch(model, tok, cfg, seed=0):
     """A real rollout batch: P prompts x K samples from the model, with made-up outcomes."""
     torch.manual_seed(seed)
     prompts = ["12+3-4=", "7+8="]
-    texts = [pm.prompt_text(tok, [{"role": "user", "content": p}]) for p in prompts for _ in range(cfg.K)]
-    ids, am = pm.encode_prompts(tok, texts, "cpu")
+    texts = [tasks.prompt_text(tok, [{"role": "user", "content": p}]) for p in prompts for _ in range(cfg.K)]
+    ids, am = sampling.encode_prompts(tok, texts, "cpu")
     model.set_adapter("policy")
-    resp, mask = pm.generate(model, tok, ids, am, 12, 1.0)
+    resp, mask = sampling.generate(model, tok, ids, am, 12, 1.0)
     r_o = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1])
     rows = [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
-    return pm.Rollout(ids, am, resp, mask, r_o, rows)
+    return sampling.Rollout(ids, am, resp, mask, r_o, rows)
 
 
 def test_char_tokenizer_round_trip_keeps_spaces_and_newlines(tok, tmp_path):
     text = "12 + 3 =\n15;\\boxed{15} Tab\tX"
-    pm.save_tokenizer(tok, str(tmp_path))
-    again = pm.load_tokenizer(str(tmp_path))
+    models.save_tokenizer(tok, str(tmp_path))
+    again = models.load_tokenizer(str(tmp_path))
     ids = again(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text), "one token per character"
     assert again.decode(ids) == text
@@ -59,17 +67,17 @@ def test_response_mask_ends_at_first_eos_inclusive():
     eos, pad = 2, 0
     resp = torch.tensor([[5, 6, eos, pad, pad], [5, eos, 7, eos, pad], [5, 6, 7, 8, 9], [pad, 6, eos, 8, 9]])
     expect = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.float32)
-    assert torch.equal(pm.response_mask(resp, eos), expect), "truncated rows are all valid; a sampled pad stays valid"
+    assert torch.equal(sampling.response_mask(resp, eos), expect), "truncated rows are all valid; a sampled pad stays valid"
     # Several end tokens (a model's generation config can list more than one): the first of any.
     expect2 = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.float32)
-    assert torch.equal(pm.response_mask(resp, [eos, 7]), expect2)
+    assert torch.equal(sampling.response_mask(resp, [eos, 7]), expect2)
 
 
 def test_token_logprobs_match_an_unpadded_forward_per_row(tok):
     cfg = tiny_cfg()
     model = make_model(tok, cfg)
     batch = make_batch(model, tok, cfg)
-    lp = pm.logprobs_nograd(model, batch, 3)  # micro-batch of 3 does not align with rows: still equal
+    lp = sampling.logprobs_nograd(model, batch, 3)  # micro-batch of 3 does not align with rows: still equal
     for i in range(batch.B):
         p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
         n = int(batch.mask[i].sum())
@@ -91,14 +99,14 @@ def test_three_roles_share_one_base_and_start_identical(tok):
     all_ptrs = {p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
     assert base_ptrs == all_ptrs
     n_base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    n_fresh = sum(p.numel() for p in pm.build_tiny_model(cfg, tok).parameters())
+    n_fresh = sum(p.numel() for p in models.build_tiny_model(cfg, tok).parameters())
     assert n_base == n_fresh, "exactly one copy of the base weights"
     model.set_adapter("policy")
-    lp_policy = pm.logprobs_nograd(model, batch, 4)
+    lp_policy = sampling.logprobs_nograd(model, batch, 4)
     model.set_adapter("prm")
-    lp_prm = pm.logprobs_nograd(model, batch, 4)
+    lp_prm = sampling.logprobs_nograd(model, batch, 4)
     with model.disable_adapter():
-        lp_ref = pm.logprobs_nograd(model, batch, 4)
+        lp_ref = sampling.logprobs_nograd(model, batch, 4)
     assert torch.equal(lp_policy, lp_ref) and torch.equal(lp_prm, lp_ref), "zero-initialised LoRA: same model"
     q = prm.implicit_rewards(lp_prm, lp_ref, batch.mask)
     assert torch.count_nonzero(q) == 0, "every process reward is exactly 0 at initialisation"
@@ -116,9 +124,9 @@ def test_prm_step_changes_only_the_prm_adapter(tok):
     cfg = tiny_cfg(lr_prm=1e-2, prm_minibatches=1, prm_update="single")
     model = make_model(tok, cfg)
     batch = make_batch(model, tok, cfg)
-    opt_prm = torch.optim.AdamW(pm.adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)
+    opt_prm = torch.optim.AdamW(models.adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)
     with model.disable_adapter():
-        logp_ref = pm.logprobs_nograd(model, batch, 4)
+        logp_ref = sampling.logprobs_nograd(model, batch, 4)
     before = snapshot(model)
     q, st = pm.prm_step(model, batch, logp_ref, cfg, opt_prm)
     # The zero PRM scores every response σ(0): the loss is exactly log 2 whatever the labels, and
@@ -130,7 +138,7 @@ def test_prm_step_changes_only_the_prm_adapter(tok):
     assert diff and all(".prm." in n for n in diff), f"PRM step touched {sorted(diff)[:3]}"
     assert any("lora_A.prm" in n for n in diff) and any("lora_B.prm" in n for n in diff)
     with model.disable_adapter():
-        assert torch.equal(pm.logprobs_nograd(model, batch, 4), logp_ref), "π_ref unchanged"
+        assert torch.equal(sampling.logprobs_nograd(model, batch, 4), logp_ref), "π_ref unchanged"
     assert st["prm_loss"] < math.log(2), "after an update the PRM does better than chance on this batch"
 
 
@@ -138,14 +146,14 @@ def test_policy_step_changes_only_the_policy_adapter(tok):
     cfg = tiny_cfg(lr_policy=1e-2)
     model = make_model(tok, cfg)
     batch = make_batch(model, tok, cfg)
-    opt = torch.optim.AdamW(pm.adapter_params(model, "policy"), lr=cfg.lr_policy)
+    opt = torch.optim.AdamW(models.adapter_params(model, "policy"), lr=cfg.lr_policy)
     with model.disable_adapter():
-        logp_ref = pm.logprobs_nograd(model, batch, 4)
+        logp_ref = sampling.logprobs_nograd(model, batch, 4)
     before = snapshot(model)
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         model.set_adapter("policy")
-        logp_old = pm.logprobs_nograd(model, batch, 4)
+        logp_old = sampling.logprobs_nograd(model, batch, 4)
         A, _ = pm.advantages(None, batch, cfg, use_process=False)
         st = pm.policy_step(model, batch, logp_old, A, cfg, opt, gen)
         # One mini-batch whose π_old is the policy as it is: ρ = 1 on every token.
@@ -154,22 +162,22 @@ def test_policy_step_changes_only_the_policy_adapter(tok):
     assert diff and all(".policy." in n for n in diff), f"policy step touched {sorted(diff)[:3]}"
     assert any("lora_A.policy" in n for n in diff)
     with model.disable_adapter():
-        assert torch.equal(pm.logprobs_nograd(model, batch, 4), logp_ref), "π_ref unchanged"
+        assert torch.equal(sampling.logprobs_nograd(model, batch, 4), logp_ref), "π_ref unchanged"
     model.set_adapter("prm")
-    assert torch.equal(pm.logprobs_nograd(model, batch, 4), logp_ref), "π_φ still equals π_ref"
+    assert torch.equal(sampling.logprobs_nograd(model, batch, 4), logp_ref), "π_φ still equals π_ref"
 
 
 def test_policy_step_raises_logprob_of_positive_advantage_samples(tok):
     cfg = tiny_cfg(lr_policy=5e-3)
     model = make_model(tok, cfg)
     batch = make_batch(model, tok, cfg)
-    opt = torch.optim.AdamW(pm.adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=0.0)
+    opt = torch.optim.AdamW(models.adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=0.0)
     model.set_adapter("policy")
-    logp_old = pm.logprobs_nograd(model, batch, 4)
+    logp_old = sampling.logprobs_nograd(model, batch, 4)
     A, _ = pm.advantages(None, batch, cfg, use_process=False)
     pm.policy_step(model, batch, logp_old, A, cfg, opt, torch.Generator().manual_seed(0))
     pm.policy_step(model, batch, logp_old, A, cfg, opt, torch.Generator().manual_seed(0))
-    logp_new = pm.logprobs_nograd(model, batch, 4)
+    logp_new = sampling.logprobs_nograd(model, batch, 4)
     delta = (logp_new - logp_old).sum(1)  # (B,)
     adv = A[:, 0]
     assert delta[adv > 0].mean() > delta[adv < 0].mean(), "PPO moves probability toward positive advantages"
@@ -179,13 +187,13 @@ def test_prm_cross_entropy_update_raises_correct_samples_reward(tok):
     cfg = tiny_cfg(lr_prm=5e-3)
     model = make_model(tok, cfg)
     batch = make_batch(model, tok, cfg)
-    opt = torch.optim.AdamW(pm.adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)
+    opt = torch.optim.AdamW(models.adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)
     with model.disable_adapter():
-        logp_ref = pm.logprobs_nograd(model, batch, 4)
+        logp_ref = sampling.logprobs_nograd(model, batch, 4)
     for _ in range(5):
         pm.prm_step(model, batch, logp_ref, cfg, opt)
     model.set_adapter("prm")
-    q = prm.implicit_rewards(pm.logprobs_nograd(model, batch, 4), logp_ref, batch.mask).sum(1)
+    q = prm.implicit_rewards(sampling.logprobs_nograd(model, batch, 4), logp_ref, batch.mask).sum(1)
     assert q[batch.r_o == 1].mean() > q[batch.r_o == 0].mean(), "PRM learns to score correct samples higher"
 
 
@@ -252,19 +260,19 @@ def test_evaluation_uses_its_own_seed_and_restores_the_training_rng(tok, monkeyp
     torch.manual_seed(7)
     expected_next = torch.rand(3)
     torch.manual_seed(7)
-    pm.evaluate(model, tok, rows, cfg, "cpu", False, "")
+    evaluation.evaluate(model, tok, rows, cfg, "cpu", False, "")
     assert torch.equal(torch.rand(3), expected_next), "training random numbers are unaffected by evaluation"
     # Same model, same eval seed: the very same samples, whatever the global RNG state was.
-    texts, orig = [], pm.verify_batch
+    texts, orig = [], tasks.verify_batch
 
     def spy(rws, outs, K, workers=4, mode="bwrap"):
         texts.append(list(outs))
         return orig(rws, outs, K, workers, mode)
-    monkeypatch.setattr(pm, "verify_batch", spy)
+    monkeypatch.setattr(evaluation, "verify_batch", spy)
     torch.manual_seed(1)
-    pm.evaluate(model, tok, rows, cfg, "cpu", False, "")
+    evaluation.evaluate(model, tok, rows, cfg, "cpu", False, "")
     torch.manual_seed(2)
-    pm.evaluate(model, tok, rows, cfg, "cpu", False, "")
+    evaluation.evaluate(model, tok, rows, cfg, "cpu", False, "")
     assert len(texts[0]) == 12 and texts[0] == texts[1]
 
 
@@ -282,17 +290,17 @@ def test_merged_copy_gives_the_policys_logits_and_leaves_the_adapters_untouched(
     ids = torch.randint(4, len(tok), (3, 9))
     for name in ("policy", "prm"):
         model.set_adapter(name)
-        plain = pm.merged_copy(model)
+        plain = sampling.merged_copy(model)
         assert not any("lora_" in n for n, _ in plain.named_parameters()), "the copy has no LoRA layers"
         with torch.no_grad():
             want, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
         assert torch.allclose(got, want, atol=1e-5), f"{name}: merged logits differ by {(got - want).abs().max()}"
         with model.disable_adapter(), torch.no_grad():
             assert not torch.allclose(model(input_ids=ids).logits, want, atol=1e-3), "the adapter matters here"
-    assert pm.merged_copy(model) is plain, "built once per model, refreshed in place"
+    assert sampling.merged_copy(model) is plain, "built once per model, refreshed in place"
     with model.disable_adapter(), torch.no_grad():
         ref = model(input_ids=ids).logits
-        assert torch.allclose(pm.merged_copy(model)(input_ids=ids).logits, ref, atol=1e-6), "disabled = π_ref"
+        assert torch.allclose(sampling.merged_copy(model)(input_ids=ids).logits, ref, atol=1e-6), "disabled = π_ref"
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before), "model unchanged"
 
@@ -309,16 +317,16 @@ def test_sft_warmup_stops_at_the_first_validation_check_that_reaches_the_target(
         assert greedy and rows[0]["extra_info"]["split"] == "val", "the stopping rule uses greedy accuracy on the val split"
         seen.append(model.training)
         return next(values)
-    monkeypatch.setattr(pm, "evaluate", fake_evaluate)
-    path = pm.sft_warmup(cfg, "cpu")
-    info = pm.json.load(open(pm.os.path.join(path, "done")))
+    monkeypatch.setattr(sft, "evaluate", fake_evaluate)
+    path = sft.sft_warmup(cfg, "cpu")
+    info = json.load(open(os.path.join(path, "done")))
     assert info["steps"] == steps
     assert len(seen) == (4 if target else 0)
     assert info["val_greedy"] == (0.55 if target else None)
 
 
 def test_sft_cache_key_changes_with_the_stopping_rule():
-    keys = {pm.sft_key(tiny_cfg(sft_target=t, sft_check_every=c)) for t, c in [(0.6, 25), (0.5, 25), (0.6, 10), (0.0, 25)]}
+    keys = {sft.sft_key(tiny_cfg(sft_target=t, sft_check_every=c)) for t, c in [(0.6, 25), (0.5, 25), (0.6, 10), (0.0, 25)]}
     assert len(keys) == 4
 
 
@@ -326,23 +334,23 @@ def test_drop_warning_only_beyond_the_noise_and_names_the_causes_the_metrics_sho
     cfg = tiny_cfg(P=32)
     ev = {"acc_before": 0.50, "acc_before_se": 0.01, "greedy_before": 0.65}  # noise = 2 se = 0.02
     calm = [{"step": i, "entropy": 0.10, "kept": 32, "process_on": True, "prm_acc_fresh": 0.55} for i in range(20)]
-    assert pm.drop_warning(20, 0.481, ev, calm, cfg) is None  # 0.019 below: inside the noise
-    w = pm.drop_warning(20, 0.47, ev, calm, cfg)
+    assert evaluation.drop_warning(20, 0.481, ev, calm, cfg) is None  # 0.019 below: inside the noise
+    w = evaluation.drop_warning(20, 0.47, ev, calm, cfg)
     assert "0.030 below the start" in w and "noise ±0.020" in w and "No logged metric points at a cause" in w
     collapsed = [dict(m, entropy=0.10 if i < 5 else 0.04) for i, m in enumerate(calm)]
-    assert "entropy went from 0.100 to 0.040" in pm.drop_warning(20, 0.40, ev, collapsed, cfg)
+    assert "entropy went from 0.100 to 0.040" in evaluation.drop_warning(20, 0.40, ev, collapsed, cfg)
     hacked = [dict(m, prm_acc_fresh=0.35) for m in calm]
-    w = pm.drop_warning(20, 0.40, ev, hacked, cfg)
+    w = evaluation.drop_warning(20, 0.40, ev, hacked, cfg)
     assert "PRM ranks fresh samples below chance (0.35)" in w and "entropy" not in w
     starved = [dict(m, kept=10) for m in calm]
-    assert "only 10 of 32 prompts per step pass the filter" in pm.drop_warning(20, 0.40, ev, starved, cfg)
+    assert "only 10 of 32 prompts per step pass the filter" in evaluation.drop_warning(20, 0.40, ev, starved, cfg)
 
 
 def test_start_report_says_inside_or_warns_outside_the_band_of_the_embedded_default():
-    lo, hi = pm.SFT_BAND["acc_before"]
-    glo, ghi = pm.SFT_BAND["greedy_before"]
+    lo, hi = evaluation.SFT_BAND["acc_before"]
+    glo, ghi = evaluation.SFT_BAND["greedy_before"]
     inside = {"acc_before": (lo + hi) / 2, "greedy_before": (glo + ghi) / 2}
-    assert pm.start_report(pm.Config(), inside).startswith("the SFT model is inside the band")
-    assert pm.start_report(pm.Config(), dict(inside, acc_before=lo - 0.01)).startswith("warning: the SFT model")
-    assert pm.start_report(pm.Config(), dict(inside, greedy_before=ghi + 0.01)).startswith("warning: the SFT model")
-    assert pm.start_report(pm.Config(model="some/model"), inside) is None  # the band belongs to the tiny default
+    assert evaluation.start_report(config.Config(), inside).startswith("the SFT model is inside the band")
+    assert evaluation.start_report(config.Config(), dict(inside, acc_before=lo - 0.01)).startswith("warning: the SFT model")
+    assert evaluation.start_report(config.Config(), dict(inside, greedy_before=ghi + 0.01)).startswith("warning: the SFT model")
+    assert evaluation.start_report(config.Config(model="some/model"), inside) is None  # the band belongs to the tiny default

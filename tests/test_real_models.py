@@ -8,15 +8,17 @@ import sys
 import pytest
 import torch
 
+import config
 import models
-import prime_mini as pm
+import sampling
+import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_chat_checkpoint(path, vocab=512):
     """A small Qwen2ForCausalLM (random weights) and a byte-level BPE tokenizer carrying a ChatML
     template, saved as a Hugging Face folder, as a hub checkpoint would be."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    corpus = [pm.SYSTEM_PROMPT, pm.TASK_SUFFIX["math"], "47+8-13+9-6=", "47+8=55;55-13=42;\\boxed{45}"] * 5
+    corpus = [tasks.SYSTEM_PROMPT, tasks.TASK_SUFFIX["math"], "47+8-13+9-6=", "47+8=55;55-13=42;\\boxed{45}"] * 5
     tok = models.build_chat_tokenizer(corpus)
     tok.save_pretrained(path)
     torch.manual_seed(0)
@@ -45,7 +47,7 @@ def write_parquet(path, rows):
 
 
 def cfg_for(**kw):
-    cfg = pm.Config(lora_r=4, prm_lora_r=4, P=2, K=2, micro_batch=4, show_progress=False)
+    cfg = config.Config(lora_r=4, prm_lora_r=4, P=2, K=2, micro_batch=4, show_progress=False)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -61,26 +63,26 @@ def test_chat_tokenizer_round_trips_spaces_and_newlines_through_load_tokenizer(c
 
 def test_chat_prompt_gets_prime_system_prompt_and_math_suffix_once(ckpt):
     tok = models.load_tokenizer(ckpt)
-    text = pm.prompt_text(tok, [{"role": "user", "content": "2+2="}], "math")
-    assert text == ("<|im_start|>system\n" + pm.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n2+2=\n\n"
+    text = tasks.prompt_text(tok, [{"role": "user", "content": "2+2="}], "math")
+    assert text == ("<|im_start|>system\n" + tasks.SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n2+2=\n\n"
                     "Present the answer in LaTex format: \\boxed{Your answer}<|im_end|>\n<|im_start|>assistant\n")
     # Eurus-2-RL-Data rows already carry a system prompt and the suffix: nothing is added twice.
-    eurus = [{"role": "system", "content": "S"}, {"role": "user", "content": "2+2=" + pm.TASK_SUFFIX["math"]}]
-    again = pm.prompt_text(tok, eurus, "math")
-    assert again.count("Present the answer") == 1 and pm.SYSTEM_PROMPT not in again
-    code = pm.prompt_text(tok, [{"role": "user", "content": "Sum a list."}], "code")
+    eurus = [{"role": "system", "content": "S"}, {"role": "user", "content": "2+2=" + tasks.TASK_SUFFIX["math"]}]
+    again = tasks.prompt_text(tok, eurus, "math")
+    assert again.count("Present the answer") == 1 and tasks.SYSTEM_PROMPT not in again
+    code = tasks.prompt_text(tok, [{"role": "user", "content": "Sum a list."}], "code")
     assert code.count("```python") == 1 and "Write Python code to solve the problem." in code
 
 
 def test_tiny_model_without_template_keeps_the_plain_text_prompt():
     tok = models.build_char_tokenizer()
-    assert pm.prompt_text(tok, [{"role": "user", "content": "47+8-3="}], "math") == "<bos>47+8-3="
+    assert tasks.prompt_text(tok, [{"role": "user", "content": "47+8-3="}], "math") == "<bos>47+8-3="
 
 
 def test_long_prompts_are_dropped_and_counted(ckpt, capsys):
     tok = models.load_tokenizer(ckpt)
     rows = eurus_rows(3) + [{**eurus_rows(1)[0], "prompt": [{"role": "user", "content": "1+" * 400}]}]
-    kept = pm.drop_long_prompts(rows, tok, 300, "d.parquet")
+    kept = tasks.drop_long_prompts(rows, tok, 300, "d.parquet")
     assert kept == rows[:3]
     assert "d.parquet: dropped 1 of 4 prompts longer than --max-prompt-len 300 tokens" in capsys.readouterr().out
 
@@ -99,7 +101,7 @@ def test_4bit_base_is_nf4_with_fp32_adapters_and_gradient_checkpointing(ckpt):
     ids = torch.tensor([tok("1+1=", add_special_tokens=False)["input_ids"]] * 2)
     resp = torch.randint(0, 300, (2, 5))
     model.set_adapter("policy")
-    lp = pm.token_logprobs(model, ids, torch.ones_like(ids), resp, torch.ones(2, 5), chunk=3)
+    lp = sampling.token_logprobs(model, ids, torch.ones_like(ids), resp, torch.ones(2, 5), chunk=3)
     lp.sum().backward()
     grads = [p.grad for p in models.adapter_params(model, "policy")]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
@@ -119,7 +121,7 @@ def test_chunked_output_head_gives_the_same_logprobs_and_gradients_as_one_piece(
     results = []
     for chunk in (10_000, 5):  # one piece (the model's own head) vs 5-token chunks, checkpointed
         model.zero_grad(set_to_none=True)
-        lp = pm.token_logprobs(model, ids, am, resp, mask, chunk=chunk)
+        lp = sampling.token_logprobs(model, ids, am, resp, mask, chunk=chunk)
         lp.sum().backward()
         results.append((lp.detach(), [p.grad.clone() for p in models.adapter_params(model, "policy")]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
@@ -129,10 +131,10 @@ def test_chunked_output_head_gives_the_same_logprobs_and_gradients_as_one_piece(
 
 def test_generation_in_batches_equals_one_batch_when_greedy(ckpt):
     base, tok = models.load_base(ckpt, "cpu", cfg_for())
-    texts = [pm.prompt_text(tok, r["prompt"], "math") for r in eurus_rows(5)]
-    ids, am = pm.encode_prompts(tok, texts, "cpu")
-    one = pm.generate(base, tok, ids, am, 6, 1.0, greedy=True)
-    two = pm.generate(base, tok, ids, am, 6, 1.0, greedy=True, batch_size=2)
+    texts = [tasks.prompt_text(tok, r["prompt"], "math") for r in eurus_rows(5)]
+    ids, am = sampling.encode_prompts(tok, texts, "cpu")
+    one = sampling.generate(base, tok, ids, am, 6, 1.0, greedy=True)
+    two = sampling.generate(base, tok, ids, am, 6, 1.0, greedy=True, batch_size=2)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
@@ -187,19 +189,19 @@ def test_planner_kv_cache_and_4bit_weights_match_hand_values():
 
 def test_presets_fit_24gb_by_the_planner_and_explicit_flags_win(capsys):
     for preset in ("qwen2.5-0.5b", "qwen2.5-math-7b"):
-        cfg = pm.parse_config(["--preset", preset, "--plan-memory"])
-        total = pm.print_memory_plan(cfg)
+        cfg = config.parse_config(["--preset", preset, "--plan-memory"])
+        total = config.print_memory_plan(cfg)
         assert cfg.load_in_4bit and cfg.model and models.fits(total, 24)
         assert "fits in --gpu-memory-gb 24" in capsys.readouterr().out
-    cfg = pm.parse_config(["--preset", "qwen2.5-math-7b", "--max-new-tokens", "64", "--no-load-in-4bit", "--plan-memory"])
+    cfg = config.parse_config(["--preset", "qwen2.5-math-7b", "--max-new-tokens", "64", "--no-load-in-4bit", "--plan-memory"])
     assert cfg.model == "Qwen/Qwen2.5-Math-7B" and cfg.max_new_tokens == 64 and not cfg.load_in_4bit
     assert cfg.gen_batch == 16, "unset fields come from the preset"
 
 
 # --- bad input stops before training, naming the flag or file ---------------------------------
 def test_preset_that_does_not_fit_stops_with_the_planner_figure():
-    with pytest.raises(pm.ConfigError) as e:
-        pm.parse_config(["--preset", "qwen2.5-math-7b", "--gpu-memory-gb", "12"])
+    with pytest.raises(models.ConfigError) as e:
+        config.parse_config(["--preset", "qwen2.5-math-7b", "--gpu-memory-gb", "12"])
     assert str(e.value).startswith("--preset qwen2.5-math-7b: the planner estimates a peak of")
     assert "does not fit --gpu-memory-gb 12" in str(e.value)
 
@@ -209,23 +211,23 @@ def test_preset_that_does_not_fit_stops_with_the_planner_figure():
     ("tests", "--model: tests is a folder without a config.json"),
 ])
 def test_unknown_model_path_is_refused(model, needle):
-    with pytest.raises(pm.ConfigError) as e:
-        pm.parse_config(["--model", model])
+    with pytest.raises(models.ConfigError) as e:
+        config.parse_config(["--model", model])
     assert needle in str(e.value)
 
 
 def test_4bit_without_bitsandbytes_is_refused(monkeypatch):
     monkeypatch.setattr(models, "bitsandbytes_available", lambda: False)
-    with pytest.raises(pm.ConfigError) as e:
-        pm.parse_config(["--load-in-4bit"])
+    with pytest.raises(models.ConfigError) as e:
+        config.parse_config(["--load-in-4bit"])
     assert str(e.value).startswith("--load-in-4bit: needs bitsandbytes")
 
 
 def test_dataset_without_the_needed_columns_is_refused(tmp_path):
     rows = [{"prompt": r["prompt"], "answer": "2"} for r in eurus_rows(2)]
     path = write_parquet(tmp_path / "bad.parquet", rows)
-    with pytest.raises(pm.ConfigError) as e:
-        pm.load_rows(path)
+    with pytest.raises(models.ConfigError) as e:
+        tasks.load_rows(path)
     assert f"{path}: missing column(s) ability, reward_model" in str(e.value)
 
 

@@ -1,0 +1,354 @@
+"""The configuration: one dataclass `Config`, the only source of truth for every setting.
+
+Each field's trailing comment is its `--help` text; `parse_config` turns the fields into flags,
+applies a `--preset`'s sizes and `--faithful`'s choices (a flag given explicitly wins) and checks
+everything it can before a model is built (`validate`: a bad value stops with the flag's name and
+its allowed values). It also reads a run directory's config.json back (`--resume`, `compare`)
+and prints the memory plan of `--plan-memory`.
+
+It must not touch: model weights (the planner reads an architecture's config only), data rows
+(it checks that data files exist, the loaders in tasks.py check what is in them), or the loop.
+"""
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+
+import models
+from checkpoints import latest_checkpoint
+from models import ConfigError, build_char_tokenizer, build_tiny_model
+from tasks import is_local_data, resolve
+
+DESCRIPTION = "prime-mini: PRIME (Process Reinforcement through IMplicit REwards) on one machine."
+
+
+@dataclass
+class Config:
+    # run
+    seed: int = 0  # RL seed (sampling, data order); the SFT model has its own sft_seed
+    out_dir: str = "runs"  # run directories are created under this folder
+    run_name: str = ""  # run directory name; default: <time>-<reward_mode>-s<seed>
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
+    faithful: bool = False  # reset every algorithmic choice to the paper's code [O] (README table)
+    # data (Eurus-2-RL-Data schema: prompt, ability, reward_model.ground_truth, data_source)
+    data: str = "data/arith_rl.jsonl"  # RL prompts; several files separated by commas
+    test_data: str = "data/arith_test.jsonl"  # held-out prompts for evaluation
+    sft_data: str = "data/arith_sft.jsonl"  # worked solutions (`response` field) for the SFT warm-up
+    verify_workers: int = 4  # code responses verified in parallel (sandboxed subprocesses; verifiers.py)
+    sandbox: str = "bwrap"  # bwrap | rlimit: where code rows' programs run; with bwrap a code run stops if bubblewrap cannot run here, rlimit (a plain subprocess with resource limits) is only for code you would run unconfined (README, Verifiers)
+    # model
+    model: str = ""  # a Hugging Face model name or folder as the SFT model; empty = tiny default
+    preset: str = "tiny"  # tiny | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes that fit a 24 GB GPU (README); explicit flags win
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, double quantization), gradient checkpointing on
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (always on with --load-in-4bit)
+    max_prompt_len: int = 1024  # prompts longer than this many tokens are dropped and counted (ALGORITHM.md §8: 1024)
+    plan_memory: bool = False  # print the estimated peak GPU memory by component for this config and exit (loads no weights)
+    gpu_memory_gb: float = 24.0  # GPU memory the planner checks against; a preset that does not fit stops the run
+    tiny_hidden: int = 128  # tiny Qwen2: hidden size (0.8M parameters in all: reaches the SFT target in 425-500 steps)
+    tiny_layers: int = 3  # tiny Qwen2: decoder layers
+    tiny_heads: int = 4  # tiny Qwen2: attention heads (and key/value heads)
+    tiny_intermediate: int = 512  # tiny Qwen2: MLP width
+    # SFT warm-up (tiny default only): trains the base from scratch, cached by these settings
+    sft_steps: int = 1000  # most SFT optimizer steps; the warm-up usually stops earlier, at --sft-target
+    sft_batch: int = 128  # sequences per SFT step
+    sft_lr: float = 3e-3  # learning rate (AdamW, 50-step linear warm-up, then constant: the stopping step is not known in advance)
+    sft_target: float = 0.6  # stop once greedy accuracy on the validation prompts reaches this (README, "The embedded default"); 0 = train all --sft-steps
+    sft_check_every: int = 25  # check the validation accuracy every this many SFT steps
+    sft_val_data: str = "data/arith_val.jsonl"  # validation prompts of the SFT stopping rule (not used by RL or evaluation)
+    sft_seed: int = 0  # seed of the SFT run (shared by RL seeds, so they start from one model)
+    retrain_sft: bool = False  # retrain the SFT model even if a cached one exists
+    # RL: rollout and filter (paper §3.3, §4.1; ALGORITHM.md §6, §8)
+    steps: int = 30  # RL steps (paper: 240 for Table 1, 592 for the release; 30 keeps the default run from nothing within 10 CPU minutes)
+    P: int = 32  # prompts kept per step (paper: 256; 32 keeps a CPU step near 2 s)
+    K: int = 4  # samples per prompt (paper §4.1: 4)
+    temperature: float = 1.0  # sampling temperature of rollouts (ALGORITHM.md §8: 1.0, top_p 1, no top_k)
+    max_new_tokens: int = 64  # longest response (paper: 3072)
+    filter_low: float = 0.2  # keep a prompt iff filter_low <= its accuracy (paper §3.3: 0.2)
+    filter_high: float = 0.8  # ... and its accuracy <= filter_high (paper §3.3: 0.8)
+    max_rollout_rounds: int = 8  # rounds of generation per step to fill P kept prompts
+    merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, 21% faster generate() on the CPU; one more copy of the base in memory)
+    gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
+    # implicit PRM (paper §3.1, §4.1; ALGORITHM.md §2-3)
+    reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline)
+    beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
+    prm_update: str = "double"  # single | double | none = never updated (ALGORITHM.md §3.4; [O]/paper: single, [R]: double; README)
+    prm_init: str = ""  # start π_φ from this PRM adapter (a finished run's RUN/adapters/prm) instead of zero; with --prm-update none it stays frozen: the paper's offline PRM (paper §5.1)
+    ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; ALGORITHM.md §7)
+    prm_lora_r: int = 8  # LoRA rank of the PRM adapter
+    lr_prm: float = 3e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more; README)
+    prm_minibatches: int = 4  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256); fewer when fewer groups are kept
+    prm_grad_clip: float = 10.0  # PRM grad-norm clip (ALGORITHM.md §3.3: 10)
+    prm_warmup: int = 10  # steps the PRM trains before its rewards enter the advantage ([O]: 0; README)
+    prm_gate: float = 0.0  # use process rewards only while the PRM's fresh ranking accuracy (EMA) >= this ([O]: 0 = always)
+    # advantages (paper Eq. 4-5; ALGORITHM.md §4)
+    adv_estimator: str = "rloo"  # rloo | grpo | reinforce (paper Eq. 5, 7, 8)
+    prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees process_coef·β·q, as veRL)
+    process_coef: float = 0.5  # weight of process vs outcome returns ([O]: 1:1; README)
+    gamma_process: float = 1.0  # discount of process returns (ALGORITHM.md §4.2: 1.0)
+    gamma_outcome: float = 1.0  # discount of outcome returns (ALGORITHM.md §4.2: 1.0)
+    # policy (paper §4.1; ALGORITHM.md §5)
+    lora_r: int = 8  # LoRA rank of the policy adapter
+    lora_alpha_ratio: float = 2.0  # LoRA alpha = ratio × rank, for both adapters
+    lora_targets: str = "all-linear"  # modules that get LoRA: all-linear, or names such as q_proj,v_proj
+    lora_dropout: float = 0.0  # dropout on the LoRA input of both adapters (0: logp_old equals logp exactly)
+    lr_policy: float = 1e-3  # policy learning rate (paper 5e-7 is full fine-tuning; calibrated for LoRA)
+    wd_policy: float = 0.01  # AdamW weight decay of the policy (veRL default 0.01)
+    policy_grad_clip: float = 1.0  # policy grad-norm clip (ALGORITHM.md §5: 1.0)
+    policy_minibatches: int = 1  # policy optimizer steps per iteration (paper: 4); fewer when fewer groups are kept
+    eps_clip: float = 0.2  # ε of PPO-clip (ALGORITHM.md §5: 0.2)
+    loss_agg: str = "seq-mean-token-mean"  # seq-mean-token-mean ([O]) | token-mean ([R])
+    micro_batch: int = 128  # rows per forward/backward; gradient accumulation over micro-batches
+    logprob_chunk: int = 8192  # response tokens per output-head chunk: bounds the fp32 (tokens, V) logits
+    # evaluation
+    eval_n: int = 500  # held-out prompts (0 = all)
+    eval_samples: int = 8  # samples per held-out prompt at temperature 1 (accuracy = their mean)
+    eval_seed: int = 1234  # sampling seed of every evaluation: before/after (and all runs) share random numbers
+    eval_every: int = 0  # also evaluate every this many RL steps (0 = only before and after)
+    reward_pages: int = 6  # prompts on the token-reward page written at the end (rewards.html; 0 = none)
+    # checkpoints and logging
+    save_every: int = 20  # checkpoint (adapters, optimizers, RNG, data position) every this many steps, and at the end; 0 = only at the end
+    resume: str = ""  # a run directory: continue from its last complete checkpoint with its config.json (--steps may extend it)
+    tensorboard: bool = True  # also write TensorBoard event files (only when tensorboard is installed)
+    wandb_project: str = ""  # also log to Weights & Biases under this project (needs `pip install wandb`); empty = off
+    show_progress: bool = True  # tqdm bars
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "reward_mode": ("prime", "outcome"),
+    "prm_update": ("single", "double", "none"),
+    "ref_type": ("freeze", "policy"),
+    "adv_estimator": ("rloo", "grpo", "reinforce"),
+    "prime_norm": ("batch_norm", "none"),
+    "loss_agg": ("seq-mean-token-mean", "token-mean"),
+    "preset": ("tiny", "qwen2.5-0.5b", "qwen2.5-math-7b"),
+    "sandbox": ("bwrap", "rlimit"),
+}
+
+
+# The paper's code [O] (ALGORITHM.md §11), for the algorithmic fields the tiny default changes. Learning
+# rates stay LoRA-sized; [O]'s PRM:policy ratio (1e-6 : 5e-7) is kept. [O] makes 4 PRM and 4
+# policy optimizer steps per iteration (mini-batches of 256 out of 1024 responses).
+FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "prm_gate": 0.0,
+            "prm_update": "single", "lr_prm": 2e-3, "lr_policy": 1e-3, "prm_minibatches": 4,
+            "policy_minibatches": 4, "ref_type": "freeze", "adv_estimator": "rloo",
+            "loss_agg": "seq-mean-token-mean", "beta": 0.05, "eps_clip": 0.2, "filter_low": 0.2,
+            "filter_high": 0.8, "K": 4, "gamma_process": 1.0, "gamma_outcome": 1.0}
+
+
+# Presets: a model and the run sizes that the memory planner fits into a 24 GB GPU (README, "Real
+# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; ALGORITHM.md §8).
+# Learning rates are LoRA-sized starting points with [O]'s PRM:policy ratio of 2:1; they were not
+# tuned on these models. Qwen2.5-Math-7B is the paper's base; PRIME's SFT model
+# (--model PRIME-RL/Eurus-2-7B-SFT) has the same architecture and the same plan.
+PRESETS = {
+    "tiny": {},
+    "qwen2.5-0.5b": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "load_in_4bit": True, "P": 32, "K": 4,
+                     "max_prompt_len": 1024, "max_new_tokens": 3072, "gen_batch": 64, "micro_batch": 4,
+                     "logprob_chunk": 1024, "lora_r": 32, "prm_lora_r": 32, "lr_policy": 2e-5, "lr_prm": 4e-5,
+                     "eval_n": 200, "eval_samples": 4},
+    "qwen2.5-math-7b": {"model": "Qwen/Qwen2.5-Math-7B", "load_in_4bit": True, "P": 16, "K": 4,
+                        "max_prompt_len": 1024, "max_new_tokens": 3072, "gen_batch": 16, "micro_batch": 1,
+                        "logprob_chunk": 1024, "lora_r": 16, "prm_lora_r": 16, "lr_policy": 1e-5, "lr_prm": 2e-5,
+                        "eval_n": 100, "eval_samples": 4},
+}
+
+
+def _field_help():
+    """The trailing comment of each Config field, read from this file's source."""
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2).replace("%", "%%")  # argparse formats help with %
+    return helps
+
+
+def parse_config(argv=None):
+    """Build the Config from command-line flags generated from the dataclass, then validate it."""
+    import argparse
+    # allow_abbrev=False: argparse would otherwise take `--process-co` for --process-coef, and a
+    # preset or --faithful would then override a flag the user did give (it looks absent).
+    ap = argparse.ArgumentParser(description=DESCRIPTION, allow_abbrev=False,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            ap.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name),
+                            choices=CHOICES.get(f.name), dest=f.name)
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    explicit = explicit_fields(argv)
+    if cfg.resume:
+        cfg = resumed_config(cfg, explicit)
+    else:  # a preset's sizes, then [O]'s choices; a flag given explicitly still wins
+        for overrides in (PRESETS.get(cfg.preset, {}), FAITHFUL if cfg.faithful else {}):
+            for k, v in overrides.items():
+                if k not in explicit:
+                    setattr(cfg, k, v)
+    validate(cfg)
+    if cfg.reward_mode == "prime" and cfg.prm_update == "none" and not cfg.prm_init:
+        warnings.warn("--prm-update none without --prm-init: the PRM stays at zero, so every process reward is "
+                      "exactly 0 (outcome-only RLOO plus unused PRM forwards); the paper's offline-PRM ablation "
+                      "freezes a trained PRM: --prm-init RUN/adapters/prm", RuntimeWarning)
+    if cfg.preset != "tiny" and not cfg.plan_memory:
+        rows, total, info = models.plan_memory(arch_config(cfg), cfg)
+        if not models.fits(total, cfg.gpu_memory_gb):
+            raise ConfigError(f"--preset {cfg.preset}: the planner estimates a peak of {total / models.GB:.1f} GB, "
+                              f"which does not fit --gpu-memory-gb {cfg.gpu_memory_gb:g} (less 10% headroom); "
+                              "see --plan-memory, and lower --gen-batch, --micro-batch or --max-new-tokens")
+    return cfg
+
+
+def explicit_fields(argv):
+    """The Config fields named on the command line (`--no-x` names `x`). Names are whole: the
+    parser refuses abbreviated flags."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    out = set()
+    for a in argv:
+        if a.startswith("--"):
+            n = a[2:].split("=")[0].replace("-", "_")
+            out.add(n[3:] if n.startswith("no_") and n[3:] in names else n)
+    return out
+
+
+# What may change when a run is resumed: everything else comes from the run's config.json, so
+# that the continued run is the run that was started.
+RESUME_FIELDS = ("resume", "steps", "save_every", "threads", "device", "show_progress")
+
+
+# Keys of config.json that are not Config fields: what `run` found (the SFT model's folder, the device).
+RECORD_KEYS = ("base_path", "device_used")
+
+
+def saved_config(run_dir, flag, strict=True):
+    """(Config, the raw dict) from a run directory's config.json; `flag` names the option in errors.
+
+    A config.json written by another version of this file can lack a field (today's default would
+    silently stand in for the value the run used) or hold a key that is no longer a field (an
+    option removed or renamed): `strict` refuses both, naming them; otherwise a warning names them.
+    """
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{flag}{path} not found: not a run directory")
+    saved = json.load(open(path))
+    names = [f.name for f in dataclasses.fields(Config)]
+    missing = [n for n in names if n not in saved]
+    unknown = [k for k in saved if k not in names and k not in RECORD_KEYS]
+    problems = []
+    if missing:
+        problems.append(f"it lacks {', '.join(missing)} (today's defaults would stand in for what the run used)")
+    if unknown:
+        problems.append(f"it has {', '.join(unknown)}, which this version does not know")
+    if problems:
+        msg = f"{flag}{path} was written by another version of prime_mini.py: {'; '.join(problems)}"
+        if strict:
+            raise ConfigError(msg + "; add or remove those keys by hand with the values the run used, or start a new run")
+        warnings.warn(msg, RuntimeWarning)
+    return Config(**{n: saved[n] for n in names if n in saved}), saved
+
+
+def resumed_config(cfg, explicit):
+    """The Config of the run in `cfg.resume` (its config.json), with the few resumable overrides."""
+    other = sorted(explicit - set(RESUME_FIELDS))
+    if other:
+        raise ConfigError(f"--resume continues a run with its saved config.json; only "
+                          f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FIELDS[1:])} may be given, "
+                          f"not --{other[0].replace('_', '-')}")
+    new, _ = saved_config(cfg.resume, "--resume: ")
+    for k in RESUME_FIELDS:
+        if k in explicit or k == "resume":
+            setattr(new, k, getattr(cfg, k))
+    return new
+
+
+def arch_config(cfg):
+    """The transformers config of the base: --model's, or the tiny default's."""
+    if cfg.model:
+        return models.model_config(cfg.model)
+    return build_tiny_model(cfg, build_char_tokenizer()).config
+
+
+def print_memory_plan(cfg):
+    """--plan-memory: the planner's table for this config, on a GPU (no weights are loaded)."""
+    rows, total, info = models.plan_memory(arch_config(cfg), cfg)
+    title = (f"memory plan: {cfg.model or 'tiny default'} ({'4-bit NF4' if cfg.load_in_4bit else 'bf16'}, "
+             f"P={cfg.P} K={cfg.K}, prompt {cfg.max_prompt_len} + response {cfg.max_new_tokens} tokens, "
+             f"gen batch {cfg.gen_batch or cfg.P * cfg.K}, micro-batch {cfg.micro_batch}, "
+             f"LoRA r={cfg.lora_r}/{cfg.prm_lora_r}, log-prob chunk {cfg.logprob_chunk} tokens)")
+    print(models.format_plan(rows, total, info, cfg.gpu_memory_gb, title))
+    return total
+
+
+def validate(cfg):
+    """Stop at once, before any model is built, on settings that cannot work."""
+    def bad(flag, msg):
+        raise ConfigError(f"--{flag.replace('_', '-')}: {msg}")
+    if cfg.K < 2:
+        bad("K", f"must be >= 2 for a leave-one-out baseline, got {cfg.K}")
+    for name in ("filter_low", "filter_high"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            bad(name, f"must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.filter_low > cfg.filter_high:
+        bad("filter_low", f"{cfg.filter_low} is above --filter-high {cfg.filter_high}")
+    for name in ("steps", "P", "max_new_tokens", "micro_batch", "verify_workers", "prm_minibatches",
+                 "policy_minibatches", "sft_batch", "sft_check_every", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r",
+                 "max_prompt_len", "logprob_chunk"):
+        if getattr(cfg, name) < 1:
+            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.steps and cfg.temperature <= 0:
+        bad("temperature", f"must be > 0 for sampling, got {cfg.temperature}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if not 0.0 <= cfg.sft_target <= 1.0:
+        bad("sft_target", f"must be in [0, 1] (0 = no stopping rule), got {cfg.sft_target}")
+    if cfg.gen_batch < 0:
+        bad("gen_batch", f"must be >= 0, got {cfg.gen_batch}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.gpu_memory_gb <= 0:
+        bad("gpu_memory_gb", f"must be > 0, got {cfg.gpu_memory_gb}")
+    if cfg.model:
+        models.check_model_source(cfg.model)
+    if cfg.load_in_4bit and not models.bitsandbytes_available():
+        bad("load_in_4bit", "needs bitsandbytes (pip install bitsandbytes; version 0.45 or later also runs NF4 on the CPU)")
+    if cfg.prm_init:
+        check_prm_init(cfg)
+    if cfg.plan_memory:
+        return  # the planner reads no data
+    sft_files = [] if cfg.model else [cfg.sft_data] + ([cfg.sft_val_data] if cfg.sft_target else [])
+    for path in cfg.data.split(",") + [cfg.test_data] + sft_files:
+        if is_local_data(path) and not os.path.exists(resolve(path)):
+            raise ConfigError(f"data file not found: {path}")
+    if cfg.resume and latest_checkpoint(cfg.resume) is None:
+        bad("resume", f"{cfg.resume} has no complete checkpoint (checkpoint-NNNNNN folder) to resume from")
+    if cfg.wandb_project:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            bad("wandb_project", "wandb is not installed (pip install wandb), or leave the flag out")
+
+
+def check_prm_init(cfg):
+    """--prm-init must be a PRM adapter that fits this run's PRM: peft's folder, same rank and alpha."""
+    path = os.path.join(cfg.prm_init, "adapter_config.json")
+    if cfg.reward_mode != "prime":
+        raise ConfigError(f"--prm-init: --reward-mode {cfg.reward_mode} has no PRM to start from it")
+    if not os.path.exists(path):
+        raise ConfigError(f"--prm-init: {path} not found (give a saved adapter folder such as RUN/adapters/prm)")
+    saved = json.load(open(path))
+    want = {"r": cfg.prm_lora_r, "lora_alpha": int(cfg.lora_alpha_ratio * cfg.prm_lora_r)}
+    for key, value in want.items():
+        if saved.get(key) != value:
+            raise ConfigError(f"--prm-init: the adapter has {key} = {saved.get(key)}, this run's PRM {value} "
+                              "(set --prm-lora-r and --lora-alpha-ratio as the run that trained it)")

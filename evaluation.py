@@ -1,0 +1,120 @@
+"""Evaluation: held-out accuracy (sampled at T=1 and greedy), and the run's self-checks.
+
+`evaluate` scores the current policy on held-out prompts with common random numbers (its own
+seed), so before/after and run-to-run differences are not blurred by sampling noise.
+`start_report` says whether the SFT model landed inside the band the defaults were tuned for
+(`SFT_BAND`, measured: docs/RESULTS.md, "The embedded default"); `drop_warning` names the likely cause
+when held-out accuracy falls below the start by more than the noise.
+
+It must not touch: optimizers or adapters (it samples with whatever adapter is active).
+"""
+import contextlib
+import statistics
+
+import torch
+from tqdm.auto import tqdm
+
+from config import Config
+from sampling import decode_responses, encode_prompts, generate
+from tasks import prompt_text, verify_batch
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Run a block on its own random numbers (torch CPU and CUDA), then restore the training RNG."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def evaluate(model, tok, rows, cfg, device, greedy, desc, with_se=False):
+    """Held-out accuracy: mean outcome score of `eval_samples` samples per prompt at T=1, or of
+    one greedy response. Sampling uses its own fixed seed (common random numbers), so the
+    before/after difference and the difference between runs are not blurred by sampling noise;
+    the training RNG state is restored afterwards. `with_se`: also the standard error of the
+    mean over prompts, (accuracy, se)."""
+    n = 1 if greedy else cfg.eval_samples
+    texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows]
+    scores = []
+    bs = max(1, 512 // n)
+    with seeded(cfg.eval_seed):
+        for i in tqdm(range(0, len(rows), bs), desc=desc, disable=not cfg.show_progress, leave=False):
+            chunk = [t for t in texts[i:i + bs] for _ in range(n)]
+            ids, am = encode_prompts(tok, chunk, device)
+            resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy,
+                                  merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
+            outs = decode_responses(tok, resp, mask)
+            s, _ = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers, cfg.sandbox)
+            scores.append(s)
+    per_prompt = torch.cat(scores).view(-1, n).mean(1)  # (prompts,)
+    if with_se:
+        return per_prompt.mean().item(), (per_prompt.std() / len(per_prompt) ** 0.5).item() if len(per_prompt) > 1 else 0.0
+    return per_prompt.mean().item()
+
+
+# Where the embedded default's SFT model lands on the default held-out prompts: the range over the
+# SFT models measured in docs/RESULTS.md "The embedded default" (several seeds, 1 and 2 threads), widened
+# by 0.03 (about two standard errors of a 500-prompt evaluation). RL was measured from inside it.
+SFT_BAND = {"acc_before": (0.43, 0.59), "greedy_before": (0.58, 0.85)}
+
+
+def in_sft_band(cfg, ev):
+    """Whether the SFT model's before-RL accuracies `ev` lie inside SFT_BAND; None when the run
+    does not start from the embedded default's warm-up (the band is its own)."""
+    d = Config()
+    if cfg.model or (cfg.sft_data, cfg.test_data, cfg.eval_n, cfg.eval_samples, cfg.max_new_tokens) != \
+            (d.sft_data, d.test_data, d.eval_n, d.eval_samples, d.max_new_tokens):
+        return None
+    return all(lo <= ev[name] <= hi for name, (lo, hi) in SFT_BAND.items())
+
+
+def start_report(cfg, ev):
+    """One line on where the SFT model landed relative to SFT_BAND, a warning when it is outside;
+    None when the band does not apply (in_sft_band)."""
+    inside = in_sft_band(cfg, ev)
+    if inside is None:
+        return None
+    (s_lo, s_hi), (g_lo, g_hi) = SFT_BAND["acc_before"], SFT_BAND["greedy_before"]
+    band = f"sampled {s_lo:.2f}-{s_hi:.2f}, greedy {g_lo:.2f}-{g_hi:.2f}"
+    if inside:
+        return f"the SFT model is inside the band the defaults were tuned for ({band})"
+    return (f"warning: the SFT model (sampled {ev['acc_before']:.3f}, greedy {ev['greedy_before']:.3f}) is outside "
+            f"the band the defaults were tuned for ({band}); RL from here may not gain what the README reports. "
+            "Train another with --retrain-sft (another --sft-seed, or another --sft-target)")
+
+
+def drop_warning(step, acc, ev, history, cfg):
+    """A warning when held-out sampled accuracy `acc` at `step` is below the start by more than the
+    evaluation's noise (two standard errors of the before-RL estimate, at least 0.01), naming the
+    likely causes that this run's logged metrics (`history`: its step dicts so far) point at; None
+    when there is no drop."""
+    noise = max(0.01, 2 * ev.get("acc_before_se", 0.0))
+    if acc >= ev["acc_before"] - noise:
+        return None
+    mean = statistics.fmean
+    causes = []
+    ent = [m["entropy"] for m in history if "entropy" in m]
+    if len(ent) >= 10:
+        first, last = mean(ent[:5]), mean(ent[-5:])
+        if last < 0.5 * first or last > 2 * first:
+            causes.append(f"the policy's entropy went from {first:.3f} to {last:.3f} nats per token: a smaller "
+                          "--lr-policy moves it more slowly")
+    steered = [m["prm_acc_fresh"] for m in history[-10:] if m.get("process_on")]
+    if steered and mean(steered) < 0.5:
+        causes.append(f"the PRM ranks fresh samples below chance ({mean(steered):.2f}) while its rewards steer the "
+                      "policy: --prm-gate 0.55 turns them off until it ranks better, --reward-mode outcome drops them")
+    kept = [m["kept"] for m in history[-10:]]
+    if kept and mean(kept) < 0.5 * cfg.P:
+        causes.append(f"only {mean(kept):.0f} of {cfg.P} prompts per step pass the filter: the model is too weak or "
+                      "too strong for --filter-low/--filter-high")
+    if in_sft_band(cfg, ev) is False:
+        causes.append("the SFT model started outside the band the defaults were tuned for")
+    return (f"warning: held-out sampled accuracy at step {step} is {acc:.3f}, {ev['acc_before'] - acc:.3f} below the "
+            f"start ({ev['acc_before']:.3f}; noise ±{noise:.3f}). "
+            + ("Likely: " + "; ".join(causes) if causes else "No logged metric points at a cause; a smaller "
+               "--lr-policy is the first thing to try") + ".")

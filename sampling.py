@@ -1,0 +1,180 @@
+"""Sampling responses and their log-probabilities: the model-facing half of the loop.
+
+`generate` samples K responses per prompt with the KV cache (from a merged copy of the policy
+adapter, `merged_copy`); `response_mask` marks the valid tokens, through the first end token;
+`token_logprobs` gives log π(y_t | x, y_<t) of each response token, the quantity every PRIME
+formula starts from (π_θ, π_φ or π_ref, depending on which adapter is active); `Rollout` carries
+one step's batch. Shapes: B rows (= P prompts × K samples), Tp prompt tokens (left-padded),
+T response tokens, V vocabulary.
+
+It must not touch: optimizers, rewards or the config object (it takes plain values).
+"""
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+import models
+
+def encode_prompts(tok, texts, device):
+    """Left-padded prompt ids (B, Tp) and attention mask, so that generation continues each row."""
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def end_tokens(model, tok):
+    """Every token id that ends a response: the tokenizer's EOS and each EOS of the model's
+    generation config (Qwen2.5-Instruct ends a turn with <|im_end|> or <|endoftext|>)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    return sorted({i for i in [tok.eos_token_id, *ids] if i is not None})
+
+
+def response_mask(resp, eos_ids):
+    """1 on valid response tokens: up to and including the first end token (ALGORITHM.md §8).
+
+    `eos_ids`: one id or a list (`end_tokens`). Everything after the first end token is padding
+    from `generate`, even when the pad token is itself an end token (SmolLM2, Qwen); a pad token
+    sampled *before* it is a real (if odd) token and stays valid.
+    """
+    eos = torch.as_tensor(eos_ids, device=resp.device).flatten()  # (n_eos,)
+    is_eos = torch.isin(resp, eos).int()  # (B, T)
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # (B, T) strictly after the first EOS
+    return (~after_eos).to(torch.float32)  # (B, T)
+
+
+_MERGED = weakref.WeakKeyDictionary()  # peft model -> its plain copy for sampling (merged_copy)
+
+
+@torch.no_grad()
+def merged_copy(model):
+    """A plain copy of the base (no LoRA layers) whose linear weights are W + s·B·A of the active
+    adapter: the same π_θ up to float rounding, built once per model and refreshed on each call
+    (a copy of the weights, microseconds for the tiny model). Sampling with it skips peft's
+    per-layer Python work and the two extra LoRA matmuls at every new token: 21% less time per
+    `generate` call on the CPU (BENCHMARKS.md). The adapters, the base and π_ref are left untouched. Returns the
+    model itself when there is nothing to merge or a base layer is not a plain nn.Linear (4-bit)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    if not isinstance(model, PeftModel):
+        return model
+    lora = {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    if not all(type(m.base_layer) is torch.nn.Linear for m in lora.values()):
+        return model
+    plain = _MERGED.get(model)
+    if plain is None:
+        import copy
+        plain = copy.deepcopy(model.get_base_model())
+        for name in lora:  # swap each LoRA wrapper in the copy for its own base nn.Linear
+            parent, _, child = name.rpartition(".")
+            target = plain.get_submodule(parent) if parent else plain
+            setattr(target, child, getattr(target, child).base_layer)
+        plain.requires_grad_(False).eval()
+        _MERGED[model] = plain
+    for name, m in lora.items():
+        w = m.base_layer.weight
+        for adapter in ([] if m.disable_adapters else m.active_adapters):  # as peft's forward: a sum
+            if adapter in m.lora_A:
+                w = w + m.get_delta_weight(adapter)  # (out, in) the merged weight W + s·B·A
+        plain.get_submodule(name).weight.copy_(w)
+    return plain
+
+
+@torch.no_grad()
+def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy=False, merged=True, batch_size=0):
+    """Sample responses with the KV cache, `batch_size` rows at a time (0 = all at once), so the
+    cache's size does not grow with the rollout. Returns response ids (B, T) and their mask (B, T).
+    `merged`: sample from merged_copy(model), the same policy without LoRA's per-token overhead."""
+    models.set_train_mode(model, False)  # no checkpointing while generating: it would drop the cache
+    sampler = merged_copy(model) if merged else model
+    eos = end_tokens(model, tok)  # all of them: one id alone would override the model's own list
+    resps = []
+    n = batch_size or prompt_ids.shape[0]
+    for i in range(0, prompt_ids.shape[0], n):
+        out = sampler.generate(input_ids=prompt_ids[i:i + n], attention_mask=prompt_mask[i:i + n],
+                               max_new_tokens=max_new_tokens, do_sample=not greedy,
+                               temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
+                               top_p=1.0 if not greedy else None, pad_token_id=tok.pad_token_id,
+                               eos_token_id=eos, use_cache=True)
+        resps.append(out[:, prompt_ids.shape[1]:])  # (n, T_i)
+    resp = pad_cat(resps, left=False, value=tok.pad_token_id)  # (B, T)
+    return resp, response_mask(resp, eos)
+
+
+def decode_responses(tok, resp, mask):
+    """Response texts for the verifier: valid tokens only (through the first EOS), no specials."""
+    valid = resp * mask.long() + tok.pad_token_id * (1 - mask.long())  # (B, T) pads after EOS
+    return tok.batch_decode(valid, skip_special_tokens=True)
+
+
+def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=8192):
+    """log π(y_t | x, y_<t) of each response token (B, T), at temperature 1 (ALGORITHM.md §2.2).
+
+    Logits are computed only for the response positions. When the batch has more than `chunk`
+    response tokens, the output head runs on `chunk` tokens at a time and each chunk's fp32
+    logits are recomputed in the backward pass instead of stored, so (B, T, V) never exists: a
+    7B model's 152k-token vocabulary makes it gigabytes per sequence.
+    """
+    models.set_train_mode(model, torch.is_grad_enabled())  # checkpointing, LoRA dropout: gradient forwards only
+    ids = torch.cat([prompt_ids, resp], 1)  # (B, Tp+T)
+    attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)  # (B, Tp+T)
+    pos = (attn.cumsum(1) - 1).clamp_min(0)  # (B, Tp+T) positions that skip left padding
+    B, T = resp.shape
+    parts = models.output_head(model) if B * T > chunk else None
+    if parts is None:  # small enough: the model's own head, in one piece
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
+        logits = logits[:, :-1]  # (B, T, V) the position before each response token predicts it
+        return torch.cat([head_logprobs(None, logits[i:i + 64], resp[i:i + 64]) for i in range(0, B, 64)]) * mask
+    decoder, head = parts
+    h = decoder(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state[:, -T - 1:-1]  # (B, T, H)
+    h, y = h.reshape(B * T, -1), resp.reshape(B * T)  # (B*T, H), (B*T,)
+    out = []
+    for i in range(0, B * T, chunk):
+        if torch.is_grad_enabled():
+            out.append(torch.utils.checkpoint.checkpoint(head_logprobs, head, h[i:i + chunk], y[i:i + chunk],
+                                                         use_reentrant=False))  # (n,)
+        else:
+            out.append(head_logprobs(head, h[i:i + chunk], y[i:i + chunk]))  # (n,)
+    return torch.cat(out).view(B, T) * mask  # (B, T)
+
+
+def head_logprobs(head, h, y):
+    """log-softmax of the logits head(h) (or of h itself when head is None), in fp32, at the tokens y."""
+    logits = (h if head is None else head(h)).float()  # (..., V)
+    return torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (...)
+
+
+def logprobs_nograd(model, batch, micro, chunk=8192):
+    """token_logprobs over micro-batches without gradients."""
+    with torch.no_grad():
+        return torch.cat([token_logprobs(model, *batch.slice(i, i + micro), chunk=chunk) for i in range(0, batch.B, micro)])
+
+
+@dataclass
+class Rollout:
+    """One step's responses. Rows are grouped: the K samples of a prompt are consecutive."""
+    prompt_ids: torch.Tensor  # (B, Tp) left-padded
+    prompt_mask: torch.Tensor  # (B, Tp)
+    resp: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) valid response tokens incl. first EOS
+    r_o: torch.Tensor  # (B,) outcome scores
+    rows: list  # the P data rows, one per group
+    texts: list = field(default_factory=list)  # (B,) decoded responses
+
+    @property
+    def B(self):
+        return self.resp.shape[0]
+
+    def slice(self, i, j):
+        return self.prompt_ids[i:j], self.prompt_mask[i:j], self.resp[i:j], self.mask[i:j]
+
+
+def pad_cat(tensors, left, value):
+    """Concatenate (b, t) tensors along rows, padding the time axis to the longest."""
+    T = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = torch.full((t.shape[0], T - t.shape[1]), value, dtype=t.dtype, device=t.device)
+        padded.append(torch.cat([pad, t] if left else [t, pad], 1))
+    return torch.cat(padded)
