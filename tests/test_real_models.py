@@ -207,7 +207,7 @@ def test_preset_that_does_not_fit_stops_with_the_planner_figure():
 
 
 @pytest.mark.parametrize("model, needle", [
-    ("/no/such/model", "--model: /no/such/model is not a local folder, nor a hub name"),
+    ("/no/such/model", "--model: /no/such/model is not a local folder, a .gguf file, nor a hub name"),
     ("tests", "--model: tests is a folder without a config.json"),
 ])
 def test_unknown_model_path_is_refused(model, needle):
