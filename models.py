@@ -307,17 +307,26 @@ def local_model(name):
     return name
 
 
+def compute_dtype(device):
+    """The dtype of the base's floating-point weights, activations and KV cache: bf16 on a GPU,
+    fp32 on the CPU (where bf16 matmuls are ~14x slower). The planner counts with the same."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
 def load_base(path, device, cfg):
     """The frozen base and its tokenizer: fp32 on the CPU, bf16 on a GPU, or 4-bit NF4.
 
-    4-bit (QLoRA): NF4 weights with double quantization, matmuls in bf16 (fp32 on the CPU); peft's
-    prepare_model_for_kbit_training freezes the base, casts the remaining floating-point weights
-    (embeddings, norms, output head) to fp32 for stable training, and turns on gradient
-    checkpointing.
+    4-bit (QLoRA): NF4 weights with double quantization in every decoder linear layer; the rest
+    (embeddings, norms, output head) and the matmuls in compute_dtype, with gradient checkpointing.
+    peft's prepare_model_for_kbit_training is not called: with non-reentrant checkpointing all it
+    adds to freezing and checkpointing is a cast of those frozen weights to fp32, which on a GPU
+    doubles their memory (2 GB more for a 7B model) and makes the residual stream, the
+    activations and the KV cache fp32 behind them (bitsandbytes returns its input's dtype). They
+    stay bf16, as the hub stores them and as the full-precision GPU path computes with them.
     """
     from transformers import AutoModelForCausalLM
     path = local_model(path)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # bf16 on this CPU is ~14x slower
+    dtype = compute_dtype(device)
     kwargs = {"dtype": dtype}
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -331,9 +340,6 @@ def load_base(path, device, cfg):
     except OSError as e:
         raise ConfigError(f"--model: cannot load {path} ({str(e).splitlines()[0]})") from None
     if cfg.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
         # bitsandbytes' CPU kernels repack a weight for inference at the first no-grad forward in
         # eval mode (on CPUs with AVX512-BF16); the repacked weight has no backward, and our frozen
         # base is always in eval mode and generates before it trains. Keep the trainable layout.
@@ -342,8 +348,8 @@ def load_base(path, device, cfg):
                 m.support_avx512bf16_for_cpu = False
     else:
         base = base.to(device)
-        if cfg.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.load_in_4bit or cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.eval()  # no dropout: logp_old must equal logp at the first policy step
     for p in base.parameters():
         p.requires_grad_(False)
@@ -421,7 +427,7 @@ def count_params(mc, lora_targets="all-linear"):
 
     Returns (n_quantizable, n_other, lora_dims, n_layers): decoder linear weights (what
     bitsandbytes turns into 4-bit), every other weight (embeddings, output head, norms, biases),
-    the (in + out) width of each LoRA target (LoRA of rank r adds r·(in+out) parameters), layers.
+    the (in, out) widths of each LoRA target (LoRA of rank r adds r·(in+out) parameters), layers.
     """
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
@@ -434,7 +440,7 @@ def count_params(mc, lora_targets="all-linear"):
             n_quant += mod.weight.numel()
             seen.add(id(mod.weight))
             if wanted is None or name.split(".")[-1] in wanted:
-                lora_dims.append(mod.in_features + mod.out_features)
+                lora_dims.append((mod.in_features, mod.out_features))
     n_other = sum(p.numel() for p in m.parameters() if id(p) not in seen)  # tied weights counted once
     return n_quant, n_other, lora_dims, mc.num_hidden_layers
 
@@ -448,9 +454,11 @@ def plan_memory(mc, cfg, device="cuda"):
            layer, the log-prob chunk). On the CPU everything computes in fp32.
     """
     n_quant, n_other, lora_dims, L = count_params(mc, cfg.lora_targets)
-    # Bytes per activation value: bf16 on a GPU, fp32 on the CPU. With 4-bit, the base's fp32
-    # embeddings make the residual stream fp32, and bitsandbytes returns its input's dtype.
-    act = 2 if device == "cuda" and not cfg.load_in_4bit else 4
+    # Bytes per weight, activation and KV-cache value: load_base's compute_dtype (bf16 on a GPU,
+    # fp32 on the CPU), 4-bit or not: a 4-bit base keeps its embeddings, norms and head in it too,
+    # so the residual stream is in it, and bitsandbytes returns its input's dtype.
+    dtype = compute_dtype(device)
+    act, dtype_name = torch.finfo(dtype).bits // 8, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     H, I, V = mc.hidden_size, mc.intermediate_size, mc.vocab_size
     kv_dim = getattr(mc, "head_dim", None) or H // mc.num_attention_heads
     kv_dim *= mc.num_key_value_heads
@@ -463,12 +471,12 @@ def plan_memory(mc, cfg, device="cuda"):
     rows = {}
     if cfg.load_in_4bit:
         # NF4: 4 bits a weight + double-quantized scales (one 8-bit absmax per 64 weights, one fp32
-        # per 256 of those); prepare_model_for_kbit_training casts the rest to fp32.
+        # per 256 of those); the rest stays in the compute dtype (load_base).
         rows["base weights (4-bit NF4)"] = n_quant * (0.5 + 1 / 64 + 4 / (64 * 256))
-        rows["embeddings, head, norms (fp32)"] = n_other * 4
+        rows[f"embeddings, head, norms ({dtype_name})"] = n_other * act
     else:
-        rows["base weights"] = (n_quant + n_other) * act
-    n_lora = {name: r * sum(lora_dims) for name, r in (("policy", cfg.lora_r), ("prm", cfg.prm_lora_r))}
+        rows[f"base weights ({dtype_name})"] = (n_quant + n_other) * act
+    n_lora = {name: r * sum(i + o for i, o in lora_dims) for name, r in (("policy", cfg.lora_r), ("prm", cfg.prm_lora_r))}
     rows["LoRA weights (2 adapters, fp32)"] = sum(n_lora.values()) * 4
     rows["LoRA grads + AdamW states (fp32)"] = sum(n_lora.values()) * 4 * 3
     # Generation: keys and values of every layer for the generation batch at full length, and the
@@ -477,9 +485,13 @@ def plan_memory(mc, cfg, device="cuda"):
            "prefill transients": gen_b * S_prompt * (3 * I + 4 * H) * act + gen_b * V * 4}
     # Training, one micro-batch of `micro` sequences of length S: the input of every layer is kept
     # (checkpoint boundaries; without checkpointing, every layer's activations are), the layer being
-    # recomputed holds its activations (≈ 10 H + 4 I values a token, LoRA inputs included), and the
+    # recomputed holds its activations (≈ 10 H + 4 I values a token in the compute dtype), and the
     # output head works on `logprob_chunk` tokens at a time: fp32 logits, their exp and the gradient.
-    per_layer = micro * S * (10 * H + 4 * I) * act
+    # When the compute dtype is not fp32, each LoRA target of the active adapter also keeps an fp32
+    # copy of its input for the backward (peft casts the input to the adapter's dtype): for
+    # all-linear, q, k and v each make their own copy (3 H), o and gate/up 3 H more, down I.
+    lora_in_fp32 = sum(i for i, _ in lora_dims) // L * 4 if act < 4 else 0  # bytes a token, one layer
+    per_layer = micro * S * ((10 * H + 4 * I) * act + lora_in_fp32)
     train = {"activations (checkpointed layer inputs)" if ckpt else "activations (all layers)":
              micro * S * H * act * L if ckpt else per_layer * L,
              "recomputed layer" if ckpt else "backward transients": per_layer,

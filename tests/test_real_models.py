@@ -95,6 +95,7 @@ def test_4bit_base_is_nf4_with_fp32_adapters_and_gradient_checkpointing(ckpt):
     assert type(q.weight).__name__ == "Params4bit" and q.weight.quant_type == "nf4"
     assert q.weight.quant_state.nested, "double quantization"
     assert models.checkpointing(base)
+    assert base.model.embed_tokens.weight.dtype == torch.float32, "the CPU's compute dtype is fp32"
     model = models.add_adapters(base, cfg)
     assert all(p.dtype == torch.float32 for p in models.adapter_params(model, "policy"))
     # A policy loss gives gradients to the policy adapter only, through checkpointed 4-bit layers.
@@ -169,22 +170,54 @@ def test_planner_counts_the_parameters_of_the_instantiated_model(ckpt):
     assert n_quant == sum(m.weight.numel() for m in real.model.layers.modules() if isinstance(m, torch.nn.Linear))
     # LoRA of rank r adds r·(in + out) per target: compare with what peft builds.
     model = models.add_adapters(real, cfg_for(lora_r=4, prm_lora_r=8))
-    assert sum(p.numel() for p in models.adapter_params(model, "policy")) == 4 * sum(lora_dims)
-    assert sum(p.numel() for p in models.adapter_params(model, "prm")) == 8 * sum(lora_dims)
+    assert sum(p.numel() for p in models.adapter_params(model, "policy")) == 4 * sum(i + o for i, o in lora_dims)
+    assert sum(p.numel() for p in models.adapter_params(model, "prm")) == 8 * sum(i + o for i, o in lora_dims)
 
 
 def test_planner_kv_cache_and_4bit_weights_match_hand_values():
     from transformers import Qwen2Config
     mc = Qwen2Config(**models.QWEN25_MATH_7B)
-    cfg = cfg_for(load_in_4bit=True, P=16, K=4, gen_batch=16, max_prompt_len=1024, max_new_tokens=3072)
-    rows, total, info = models.plan_memory(mc, cfg)
-    # 16 sequences × 4096 tokens × 28 layers × (K and V) × 4 heads × 128 dims × 4 bytes (fp32 with 4-bit).
-    assert rows["[gen] KV cache (generation batch)"] == 16 * 4096 * 28 * 2 * 4 * 128 * 4
+    cfg = config.parse_config(["--preset", "qwen2.5-math-7b", "--plan-memory"])  # P=16 K=4, gen batch 16, micro-batch 1
+    gpu, total, info = models.plan_memory(mc, cfg)
+    cpu, _, _ = models.plan_memory(mc, cfg, device="cpu")
+    # 16 sequences × 4096 tokens × 28 layers × (K and V) × 4 heads × 128 dims, in the compute dtype:
+    # 2 bytes (bf16) on a GPU, 4 (fp32) on the CPU.
+    assert gpu["[gen] KV cache (generation batch)"] == 16 * 4096 * 28 * 2 * 4 * 128 * 2
+    assert cpu["[gen] KV cache (generation batch)"] == 16 * 4096 * 28 * 2 * 4 * 128 * 4
     assert abs(info["params_total"] / 1e9 - 7.62) < 0.01, "Qwen2.5-Math-7B has 7.62B parameters"
     # Embeddings and head (untied): 2 × 152064 × 3584, plus 2 norms a layer and the final one, and
-    # the q, k, v biases (3584 + 2 × 4 heads × 128) of each of the 28 layers; 4 bytes each (fp32).
+    # the q, k, v biases (3584 + 2 × 4 heads × 128) of each of the 28 layers; not quantized, they
+    # stay in the compute dtype.
     n_other = 2 * 152064 * 3584 + (2 * 28 + 1) * 3584 + 28 * (3584 + 2 * 512)
-    assert rows["embeddings, head, norms (fp32)"] == 4 * n_other
+    assert gpu["embeddings, head, norms (bf16)"] == 2 * n_other
+    assert cpu["embeddings, head, norms (fp32)"] == 4 * n_other
+    # The recomputed layer of one 4096-token micro-batch: 10 H + 4 I values a token in the compute
+    # dtype; in bf16, also the fp32 copy of the input of each LoRA target (q, k, v, o, gate, up: H
+    # each; down: I).
+    H, I = 3584, 18944
+    assert gpu["[train] recomputed layer"] == 4096 * ((10 * H + 4 * I) * 2 + (6 * H + I) * 4)
+    assert cpu["[train] recomputed layer"] == 4096 * (10 * H + 4 * I) * 4
+    # The preset's peak: the weights that live all run, plus the generation phase (it is larger).
+    static = sum(v for k, v in gpu.items() if not k.startswith("["))
+    assert info["peak_phase"] == "generation"
+    assert total == static + gpu["[gen] KV cache (generation batch)"] + gpu["[gen] prefill transients"]
+    assert round(total / models.GB, 2) == 12.05
+
+
+def test_4bit_base_keeps_embeddings_norms_and_head_in_the_compute_dtype_as_the_planner_counts(ckpt, monkeypatch):
+    """The GPU's bf16, exercised on the CPU: nothing of a 4-bit base is cast to fp32 behind the
+    planner's back, and the KV cache comes out in the compute dtype."""
+    monkeypatch.setattr(models, "compute_dtype", lambda device: torch.bfloat16)
+    base, tok = models.load_base(ckpt, "cpu", cfg_for(load_in_4bit=True))
+    other = [p for p in base.parameters() if type(p).__name__ != "Params4bit"]
+    assert other and all(p.dtype == torch.bfloat16 for p in other), "embeddings, norms and head stay bf16"
+    from transformers import AutoConfig
+    rows, _, _ = models.plan_memory(AutoConfig.from_pretrained(ckpt), cfg_for(load_in_4bit=True), device="cuda")
+    assert rows["embeddings, head, norms (bf16)"] == sum(p.numel() * p.element_size() for p in other)
+    with torch.no_grad():
+        out = base(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    keys = out.past_key_values.layers[0].keys
+    assert keys.dtype == torch.bfloat16, f"KV cache in {keys.dtype}"
 
 
 def test_presets_fit_24gb_by_the_planner_and_explicit_flags_win(capsys):
@@ -193,9 +226,58 @@ def test_presets_fit_24gb_by_the_planner_and_explicit_flags_win(capsys):
         total = config.print_memory_plan(cfg)
         assert cfg.load_in_4bit and cfg.model and models.fits(total, 24)
         assert "fits in --gpu-memory-gb 24" in capsys.readouterr().out
+    cfg = config.parse_config(["--preset", "qwen2.5-math-7b", "--plan-memory", "--gpu-memory-gb", "16"])
+    config.print_memory_plan(cfg)
+    assert "fits in --gpu-memory-gb 16" in capsys.readouterr().out, "the 7B preset fits a 16 GB card"
     cfg = config.parse_config(["--preset", "qwen2.5-math-7b", "--max-new-tokens", "64", "--no-load-in-4bit", "--plan-memory"])
     assert cfg.model == "Qwen/Qwen2.5-Math-7B" and cfg.max_new_tokens == 64 and not cfg.load_in_4bit
     assert cfg.gen_batch == 16, "unset fields come from the preset"
+
+
+# --- scripts/gpu_memory_check.py: what can be checked without a GPU --------------------------
+def load_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_memory_check_runs_one_generation_batch_a_step_with_the_same_planned_peak(tmp_path):
+    from transformers import AutoConfig
+    check = load_script("gpu_memory_check")
+    preset, keep, extra = check.parse_args(["--preset", "qwen2.5-math-7b", "--max-new-tokens", "512"])
+    assert (preset, keep, extra) == ("qwen2.5-math-7b", False, ["--max-new-tokens", "512"])
+    model_dir, data = tmp_path / "model", tmp_path / "prompts.jsonl"
+    AutoConfig.for_model("qwen2", **models.QWEN25_MATH_7B).save_pretrained(model_dir)  # what build_model saves
+    data.write_text("")
+    cfg = check.run_config(preset, str(model_dir), str(data), extra)
+    assert (cfg.P, cfg.K, cfg.gen_batch, cfg.micro_batch) == (4, 4, 16, 1), "P = gen batch / K: one batch a step"
+    assert cfg.load_in_4bit and cfg.steps == 2 and (cfg.filter_low, cfg.filter_high) == (0.0, 1.0)
+    assert cfg.max_new_tokens == 512, "a flag given to the script wins"
+    # The claim that lets it run 4 prompts instead of 16: the planned peak does not depend on P.
+    mc = models.model_config(str(model_dir))
+    full = config.parse_config(["--preset", preset, "--max-new-tokens", "512", "--plan-memory"])
+    assert full.P == 16 and models.plan_memory(mc, cfg)[1] == models.plan_memory(mc, full)[1]
+
+
+def test_gpu_memory_check_refuses_its_own_flags_and_presets_it_cannot_build(capsys):
+    check = load_script("gpu_memory_check")
+    with pytest.raises(SystemExit):
+        check.parse_args(["--preset", "qwen2.5-math-7b", "--model", "Qwen/Qwen2.5-Math-7B"])
+    assert "--model, --data and --test-data are made by this script" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        check.parse_args(["--preset", "tiny"])
+    assert "argument --preset: invalid choice: 'tiny'" in capsys.readouterr().err
+
+
+def test_gpu_memory_check_without_cuda_stops_with_a_clear_message(tmp_path):
+    out = subprocess.run([sys.executable, "scripts/gpu_memory_check.py", "--preset", "qwen2.5-math-7b"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
+                                                                          "TMPDIR": str(tmp_path)})
+    assert out.returncode == 2
+    assert out.stderr.startswith("gpu_memory_check.py: needs a CUDA GPU (torch.cuda.is_available() is False)")
+    assert not any(tmp_path.iterdir()), "nothing was built"
 
 
 # --- bad input stops before training, naming the flag or file ---------------------------------
