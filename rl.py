@@ -95,11 +95,15 @@ def rloo_token_scores(s, m, K):
     return (K * s - group_sum) / (K - 1) * m  # (B, T)
 
 
-def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0):
+def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0, process_credit="sum"):
     """Returns-to-go from RLOO on process rewards `p` and outcomes `r_o`, summed 1:1 (ALGORITHM.md §4.2).
 
     p: (B, T) process rewards (already normalised) or None for the outcome-only baseline;
     r_o: (B,) outcome scores, placed at each row's last valid token.
+    process_credit: "sum" (PRIME) gives the process part as the discounted sum of the leave-one-out
+    scores still to come; "min" (PURE's min-form) as their minimum (`min_form_returns`; no γ).
+    The leave-one-out line maps a row's scores by one affine map with a positive scale
+    (K/(K−1)·s − const), so taking it before or after the min gives the same returns.
     """
     B, T = mask.shape
     assert K >= 2 and B % K == 0, f"need K >= 2 and whole groups: B={B}, K={K}"
@@ -108,7 +112,9 @@ def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0):
     outcome = r_o.to(torch.float32).view(B, 1) * last  # (B, T) r_o at the last valid token
     returns = reverse_cumsum(rloo_token_scores(outcome, last, K), gamma_outcome)  # (B, T)
     if p is not None:
-        returns = returns + reverse_cumsum(rloo_token_scores(p.float(), mask, K), gamma_process)
+        s = rloo_token_scores(p.float(), mask, K)  # (B, T) leave-one-out process scores
+        assert process_credit in ("sum", "min"), f"process_credit must be sum or min, got {process_credit!r}"
+        returns = returns + (reverse_cumsum(s, gamma_process) if process_credit == "sum" else min_form_returns(s, mask))
     return returns * mask  # (B, T)
 
 

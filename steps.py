@@ -183,3 +183,104 @@ def token_spans(char_spans, tokens, text=None):
             k = next((k for k, (s, _) in enumerate(offsets) if s >= start), len(offsets))
             ranges.append((k, k))
     return ranges
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging a PRM by the step labels (ProcessBench-style; Zheng et al., 2024, arXiv 2412.06559),
+# and the oracle process rewards that the labels give.
+# ---------------------------------------------------------------------------------------------
+def step_scores(token_rewards, spans):
+    """The PRM's reward of each step: the sum of its tokens' rewards (β·q_t), spans from token_spans.
+
+    Example: step_scores([0.1, -0.3, 0.2, 0.5], [(0, 2), (2, 4)]) -> [-0.2, 0.7] (up to rounding)
+    """
+    return [sum(token_rewards[i:j]) for i, j in spans]
+
+
+def predicted_first_error(scores, threshold=0.0):
+    """Index of the first step whose summed reward is below `threshold`, or None.
+
+    The threshold 0: a step's summed reward β·Σq is the PRM's log-odds contribution, β·log of how
+    much more likely π_φ finds the step than π_ref does; below 0 the PRM finds the step *less*
+    likely than the reference, i.e. it blames it (σ(β·Σq) < 0.5, ProcessBench's 0.5 on a PRM's
+    probability). No threshold is tuned: this task has no held-out set for calibrating one.
+    Example: predicted_first_error([0.2, -0.1, -0.5]) -> 1;  predicted_first_error([0.2, 0.0]) -> None
+    """
+    return next((i for i, s in enumerate(scores) if s < threshold), None)
+
+
+def auroc(pos, neg):
+    """P(a random `pos` score > a random `neg` score), ties counting 1/2 (the Mann-Whitney AUROC);
+    None when either list is empty. Example: auroc([0.3, 0.1], [0.2]) -> 0.5"""
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def process_metrics(items, threshold=0.0):
+    """How well step rewards point at the step that went wrong, over `items` = [(StepLabels, scores)].
+
+    - erroneous responses (a wrong step, `first_wrong` is not None): `acc_err` = the share whose
+      predicted first error (predicted_first_error) is the true first wrong step;
+    - correct responses (every step right and following, no format error, right answer): `acc_ok`
+      = the share predicted "no error";
+    - `f1` = the harmonic mean of acc_err and acc_ok (ProcessBench's F1);
+    - `auroc`: summed rewards of right steps (right and following) against wrong steps, over all
+      responses' steps.
+    Responses that are neither (no wrong step but a format error: a missing or wrong box, a short
+    chain) count in `n_format_only` only: they have no wrong step to find.
+    Metrics that have no responses to average are None.
+    """
+    hit_err, n_err, hit_ok, n_ok, n_fmt, right, wrong = 0, 0, 0, 0, 0, [], []
+    for labels, scores in items:
+        assert len(scores) == len(labels.steps), "one score per step"
+        for s, sc in zip(labels.steps, scores):
+            (right if s.right and s.follows else wrong).append(sc)
+        pred = predicted_first_error(scores, threshold)
+        if labels.first_wrong is not None:
+            n_err += 1
+            hit_err += pred == labels.first_wrong
+        elif labels.ok and labels.correct:
+            n_ok += 1
+            hit_ok += pred is None
+        else:
+            n_fmt += 1
+    acc_err = hit_err / n_err if n_err else None
+    acc_ok = hit_ok / n_ok if n_ok else None
+    f1 = None
+    if acc_err is not None and acc_ok is not None:
+        f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok > 0 else 0.0
+    return {"acc_err": acc_err, "acc_ok": acc_ok, "f1": f1, "auroc": auroc(right, wrong),
+            "n_err": n_err, "n_ok": n_ok, "n_format_only": n_fmt}
+
+
+ORACLE_FORMS = ("first", "every")
+
+
+def oracle_rewards(labels, spans, box_span, n_tokens, form="first"):
+    """Process rewards from the step labels instead of a PRM: a list of n_tokens values.
+
+    `form` "first": -1 on every token of the first wrong step, 0 elsewhere: the one place an
+    error entered the chain. "every": -1 on the tokens of every step that is not right or does
+    not follow the chain (each judged on its own numbers). A response with no wrong step that is
+    still not correct (a wrong or missing box, a short chain) gets -1 on its box's tokens, or on
+    its last token when it has no box. A correct response gets all 0: the outcome reward already
+    credits it, and the oracle says only where a wrong response went wrong.
+    `spans`: the token ranges of the steps, `box_span`: the box's token range or None.
+    Example: a 4-step response whose step 1 (tokens 8-16) is wrong, form "first" ->
+             [0]*8 + [-1]*8 + [0]*(n_tokens-16)
+    """
+    assert form in ORACLE_FORMS, f"oracle form must be one of {ORACLE_FORMS}, got {form!r}"
+    r = [0.0] * n_tokens
+    if form == "first":
+        wrong = [] if labels.first_wrong is None else [labels.first_wrong]
+    else:
+        wrong = [k for k, s in enumerate(labels.steps) if not (s.right and s.follows)]
+    marked = [spans[k] for k in wrong]
+    if not marked and not (labels.ok and labels.correct) and n_tokens:
+        marked = [box_span if box_span and box_span[1] > box_span[0] else (n_tokens - 1, n_tokens)]
+    for i, j in marked:
+        for t in range(i, j):
+            r[t] = -1.0
+    return r

@@ -92,3 +92,26 @@ def test_min_form_returns_lie_between_the_row_min_and_the_own_reward():
     assert (G[on] <= r[on]).all(), "a return exceeds its own token's reward"
     assert (G >= row_min.expand_as(G))[on].all(), "a return is below the row's smallest reward"
     assert torch.equal(G[:, 0], row_min[:, 0]), "the first token's return must be the row's minimum"
+
+
+def test_rloo_returns_with_min_credit_is_the_outcome_part_plus_the_min_of_leave_one_out_scores():
+    """A plain loop: per group of K, each row's process scores K/(K-1)·p_t - Σ_j mean_j/(K-1) on its
+    valid tokens; the process return at t is their minimum from t on; the outcome part is RLOO's."""
+    K = 2
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    p = torch.tensor([[0.2, -0.4, 0.1, 5.0], [0.3, 0.1, -5.0, 5.0], [-0.1, 0.2, 0.0, 0.3], [0.4, 9.0, 9.0, 9.0]])
+    r_o = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    got = rl.rloo_returns(p, r_o, mask, K, process_credit="min")
+    outcome_only = rl.rloo_returns(None, r_o, mask, K)
+    P, M = p.tolist(), mask.tolist()
+    for g in range(2):
+        rows = [2 * g, 2 * g + 1]
+        means = [sum(P[i][t] for t in range(4) if M[i][t]) / sum(M[i]) for i in rows]
+        for i in rows:
+            valid = [t for t in range(4) if M[i][t]]
+            s = {t: (K * P[i][t] - sum(means)) / (K - 1) for t in valid}
+            for t in range(4):
+                want = outcome_only[i, t].item() + (min(s[u] for u in valid if u >= t) if M[i][t] else 0.0)
+                assert abs(got[i, t].item() - want) < 1e-6, (i, t, got[i, t].item(), want)
+    summed = rl.rloo_returns(p, r_o, mask, K)
+    assert not torch.allclose(summed, got), "min and sum credit differ on these rewards"

@@ -200,3 +200,82 @@ def test_empty_span_maps_to_an_empty_token_range():
 def test_tokens_that_do_not_join_to_the_text_are_refused():
     with pytest.raises(AssertionError, match="do not join"):
         steps.token_spans([(0, 1)], ["4", "7"], text="47;")
+
+
+# --- judging a PRM by the labels, and the oracle rewards ------------------------------------
+def test_step_scores_sum_each_steps_token_rewards():
+    assert steps.step_scores([0.1, -0.3, 0.2, 0.5, 9.0], [(0, 2), (2, 4)]) == pytest.approx([-0.2, 0.7])
+    assert steps.step_scores([1.0, 2.0], [(1, 1)]) == [0], "an empty token range scores 0"
+
+
+@pytest.mark.parametrize("scores, threshold, want", [([0.2, -0.1, -0.5], 0.0, 1), ([0.2, 0.0], 0.0, None),
+                                                     ([0.2, 0.1], 0.15, 1), ([], 0.0, None)])
+def test_predicted_first_error_is_the_first_step_below_the_threshold(scores, threshold, want):
+    assert steps.predicted_first_error(scores, threshold) == want
+
+
+def test_auroc_counts_pairs_with_ties_as_half():
+    assert steps.auroc([0.3, 0.1], [0.2]) == 0.5  # 0.3 > 0.2 wins, 0.1 < 0.2 loses
+    assert steps.auroc([1.0, 1.0], [1.0, 0.0]) == (0.5 + 1 + 0.5 + 1) / 4
+    assert steps.auroc([1.0], []) is None
+
+
+def test_process_metrics_by_hand():
+    """Five responses to PROMPT, scores made up, expected values counted by hand."""
+    slip = steps.label_steps(PROMPT, "47+8=55;55-3=51;51+9=60;60-6=54;\\boxed{54}")  # first wrong: step 1
+    late = steps.label_steps(PROMPT, "47+8=55;55-3=52;52+9=60;60-6=54;\\boxed{54}")  # first wrong: step 2
+    good = steps.label_steps(PROMPT, SOLUTION)
+    nobox = steps.label_steps(PROMPT, "47+8=55;55-3=52;52+9=61;61-6=55;")  # format only
+    assert (slip.first_wrong, late.first_wrong, good.ok, nobox.first_wrong) == (1, 2, True, None)
+    items = [(slip, [0.1, -0.2, 0.3, 0.1]),   # predicted 1 = true 1: hit
+             (late, [-0.1, 0.1, -0.1, 0.2]),  # predicted 0 != true 2: miss
+             (good, [0.1, 0.2, 0.3, 0.0]),    # predicted none: hit
+             (good, [0.1, -0.1, 0.3, 0.0]),   # predicted 1: miss
+             (nobox, [-1.0, -1.0, -1.0, -1.0])]  # not counted in the accuracies
+    m = steps.process_metrics(items)
+    assert (m["n_err"], m["n_ok"], m["n_format_only"]) == (2, 2, 1)
+    assert m["acc_err"] == 0.5 and m["acc_ok"] == 0.5 and m["f1"] == pytest.approx(0.5)
+    # Wrong steps (not right or not following): slip's step 1 (-0.2) and late's step 2 (-0.1);
+    # late's step 3 (60-6=54) is right arithmetic and takes the previous result: a right step.
+    wrong = [-0.2, -0.1]
+    right = [0.1, 0.3, 0.1, -0.1, 0.1, 0.2, 0.1, 0.2, 0.3, 0.0, 0.1, -0.1, 0.3, 0.0, -1.0, -1.0, -1.0, -1.0]
+    assert [s.right and s.follows for s in late.steps] == [True, True, False, True]
+    want = sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong))
+    assert m["auroc"] == pytest.approx(want)
+
+
+def test_process_metrics_f1_is_none_without_correct_responses():
+    slip = steps.label_steps(PROMPT, "47+8=55;55-3=51;51+9=60;60-6=54;\\boxed{54}")
+    m = steps.process_metrics([(slip, [0.0, -1.0, 0.0, 0.0])])
+    assert m["acc_err"] == 1.0 and m["acc_ok"] is None and m["f1"] is None
+
+
+def test_oracle_first_form_blames_only_the_first_wrong_steps_tokens():
+    r = "47+8=55;55-3=51;51+9=60;60-7=53;\\boxed{53}"  # step 1 slips, step 3 uses a wrong operation
+    labels = steps.label_steps(PROMPT, r)
+    tokens = list(r) + [""]  # the character tokenizer, and an EOS
+    spans = steps.token_spans([s.span for s in labels.steps], tokens, r + "")
+    box = steps.token_spans([labels.box_span], tokens)[0]
+    first = steps.oracle_rewards(labels, spans, box, len(tokens), "first")
+    assert [t for t, v in zip(tokens, first) if v == -1.0] == list("55-3=51;")
+    assert sum(first) == -8.0
+    every = steps.oracle_rewards(labels, spans, box, len(tokens), "every")
+    assert "".join(t for t, v in zip(tokens, every) if v == -1.0) == "55-3=51;60-7=53;"
+
+
+def test_oracle_gives_nothing_to_a_correct_response_and_blames_the_box_of_a_format_error():
+    tokens = list(SOLUTION) + [""]
+    labels = steps.label_steps(PROMPT, SOLUTION)
+    spans = steps.token_spans([s.span for s in labels.steps], tokens)
+    box = steps.token_spans([labels.box_span], tokens)[0]
+    assert steps.oracle_rewards(labels, spans, box, len(tokens)) == [0.0] * len(tokens)
+    wrong_box = SOLUTION.replace("{55}", "{56}")
+    labels = steps.label_steps(PROMPT, wrong_box)
+    tokens = list(wrong_box)
+    box = steps.token_spans([labels.box_span], tokens)[0]
+    r = steps.oracle_rewards(labels, steps.token_spans([s.span for s in labels.steps], tokens), box, len(tokens))
+    assert "".join(t for t, v in zip(tokens, r) if v) == "\\boxed{56}"
+    cut = "47+8=55;55-3=52;"  # right but short, no box: the last token
+    labels = steps.label_steps(PROMPT, cut)
+    r = steps.oracle_rewards(labels, steps.token_spans([s.span for s in labels.steps], list(cut)), None, len(cut))
+    assert r == [0.0] * (len(cut) - 1) + [-1.0]
