@@ -202,6 +202,11 @@ def parse_config(argv=None):
                 if k not in explicit:
                     setattr(cfg, k, v)
     validate(cfg)
+    # A flag that the chosen --reward-mode never reads would silently change nothing.
+    if "oracle_form" in explicit and cfg.reward_mode != "oracle":
+        raise ConfigError(f"--oracle-form: only --reward-mode oracle reads it (this run: --reward-mode {cfg.reward_mode})")
+    if "process_credit" in explicit and cfg.process_credit != "sum" and cfg.reward_mode == "outcome":
+        raise ConfigError("--process-credit: --reward-mode outcome has no process rewards to credit")
     if cfg.reward_mode == "prime" and cfg.prm_update == "none" and not cfg.prm_init:
         warnings.warn("--prm-update none without --prm-init: the PRM stays at zero, so every process reward is "
                       "exactly 0 (outcome-only RLOO plus unused PRM forwards); the paper's offline-PRM ablation "
