@@ -413,13 +413,13 @@ def test_reference_log_probs_are_the_rollout_policys_or_the_frozen_bases(world, 
     monkeypatch.setattr(pm, "verify_batch", every_step_passes(world))
     seen, orig = [], pm.prm_step
 
-    def spy(model, batch, logp_ref, cfg, opt_prm):
+    def spy(model, batch, logp_ref, cfg, opt_prm, labelled=None):
         model.set_adapter("policy")
         policy = sampling.logprobs_nograd(model, batch, cfg.micro_batch)
         with model.disable_adapter():
             base = sampling.logprobs_nograd(model, batch, cfg.micro_batch)
         seen.append((logp_ref.clone(), policy, base))
-        return orig(model, batch, logp_ref, cfg, opt_prm)
+        return orig(model, batch, logp_ref, cfg, opt_prm, labelled)
     monkeypatch.setattr(pm, "prm_step", spy)
     pm.run(config.parse_config(argv(world, f"ref-{ref_type}", "--steps", "2", "--ref-type", ref_type)))
     assert len(seen) == 2
