@@ -74,7 +74,8 @@ class Config:
     merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, 21% faster generate() on the CPU; one more copy of the base in memory)
     gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
     # implicit PRM (paper §3.1, §4.1; ALGORITHM.md §2-3)
-    reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline)
+    reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline) | oracle (process rewards from the embedded task's step labels instead of a PRM: what perfect process rewards buy; README)
+    oracle_form: str = "first"  # --reward-mode oracle: first = -1 on the tokens of the first wrong step, every = on those of every wrong step (steps.py)
     beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
     prm_update: str = "double"  # single | double | none = never updated (ALGORITHM.md §3.4; [O]/paper: single, [R]: double; README)
     prm_init: str = ""  # start π_φ from this PRM adapter (a finished run's RUN/adapters/prm) instead of zero; with --prm-update none it stays frozen: the paper's offline PRM (paper §5.1)
@@ -91,6 +92,7 @@ class Config:
     process_coef: float = 0.5  # weight of process vs outcome returns ([O]: 1:1; README)
     gamma_process: float = 1.0  # discount of process returns (ALGORITHM.md §4.2: 1.0)
     gamma_outcome: float = 1.0  # discount of outcome returns (ALGORITHM.md §4.2: 1.0)
+    process_credit: str = "sum"  # sum (PRIME: a token's process return sums the rewards still to come) | min (their minimum: PURE, Cheng et al. 2025, arXiv 2504.15275; rloo only)
     # policy (paper §4.1; ALGORITHM.md §5)
     lora_r: int = 8  # LoRA rank of the policy adapter
     lora_alpha_ratio: float = 2.0  # LoRA alpha = ratio × rank, for both adapters
@@ -110,6 +112,7 @@ class Config:
     eval_seed: int = 1234  # sampling seed of every evaluation: before/after (and all runs) share random numbers
     eval_every: int = 0  # also evaluate every this many RL steps (0 = only before and after)
     reward_pages: int = 6  # prompts on the token-reward page written at the end (rewards.html; 0 = none)
+    truth_prompts: int = 64  # held-out prompts (K samples each) on which every evaluation scores the PRM's step rewards against the step labels (step F1, AUROC; embedded task only; 0 = off)
     # checkpoints and logging
     save_every: int = 20  # checkpoint (adapters, optimizers, RNG, data position) every this many steps, and at the end; 0 = only at the end
     resume: str = ""  # a run directory: continue from its last complete checkpoint with its config.json (--steps may extend it)
@@ -120,7 +123,9 @@ class Config:
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "reward_mode": ("prime", "outcome"),
+    "reward_mode": ("prime", "outcome", "oracle"),
+    "oracle_form": ("first", "every"),
+    "process_credit": ("sum", "min"),
     "prm_update": ("single", "double", "none"),
     "ref_type": ("freeze", "policy"),
     "adv_estimator": ("rloo", "grpo", "reinforce"),
@@ -204,6 +209,11 @@ def parse_config(argv=None):
                 if k not in explicit:
                     setattr(cfg, k, v)
     validate(cfg)
+    # A flag that the chosen --reward-mode never reads would silently change nothing.
+    if "oracle_form" in explicit and cfg.reward_mode != "oracle":
+        raise ConfigError(f"--oracle-form: only --reward-mode oracle reads it (this run: --reward-mode {cfg.reward_mode})")
+    if "process_credit" in explicit and cfg.process_credit != "sum" and cfg.reward_mode == "outcome":
+        raise ConfigError("--process-credit: --reward-mode outcome has no process rewards to credit")
     if cfg.reward_mode == "prime" and cfg.prm_update == "none" and not cfg.prm_init:
         warnings.warn("--prm-update none without --prm-init: the PRM stays at zero, so every process reward is "
                       "exactly 0 (outcome-only RLOO plus unused PRM forwards); the paper's offline-PRM ablation "
@@ -320,6 +330,10 @@ def validate(cfg):
             bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if not 0.0 <= cfg.sft_target <= 1.0:
         bad("sft_target", f"must be in [0, 1] (0 = no stopping rule), got {cfg.sft_target}")
+    if cfg.process_credit == "min" and cfg.adv_estimator != "rloo":
+        bad("process_credit", f"min-form credit is implemented for --adv-estimator rloo, not {cfg.adv_estimator}")
+    if cfg.truth_prompts < 0:
+        bad("truth_prompts", f"must be >= 0, got {cfg.truth_prompts}")
     if cfg.gen_batch < 0:
         bad("gen_batch", f"must be >= 0, got {cfg.gen_batch}")
     if not 0.0 <= cfg.lora_dropout < 1.0:

@@ -2,6 +2,8 @@
 
 `evaluate` scores the current policy on held-out prompts with common random numbers (its own
 seed), so before/after and run-to-run differences are not blurred by sampling noise.
+`step_truth` judges the PRM's token rewards against the step labels of the embedded task (is the
+PRM right about which step failed?), and `held_out_step_truth` does it on fresh held-out samples.
 `start_report` says whether the SFT model landed inside the band the defaults were tuned for
 (`SFT_BAND`, measured: docs/RESULTS.md, "The embedded default"); `drop_warning` names the likely cause
 when held-out accuracy falls below the start by more than the noise.
@@ -14,9 +16,11 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
+import prm
+import steps
 from config import Config
-from sampling import decode_responses, encode_prompts, generate
-from tasks import prompt_text, verify_batch
+from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd
+from tasks import is_step_task, label_batch, prompt_text, verify_batch
 
 @contextlib.contextmanager
 def seeded(seed):
@@ -55,6 +59,47 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc, with_se=False):
     if with_se:
         return per_prompt.mean().item(), (per_prompt.std() / len(per_prompt) ** 0.5).item() if len(per_prompt) > 1 else 0.0
     return per_prompt.mean().item()
+
+
+def step_truth(labelled, r_tok, prefix="step_"):
+    """ProcessBench-style metrics of token rewards `r_tok` (B, T) (β·q_t) against the step labels
+    `labelled` (tasks.label_batch): the F1 of first-error identification, its two accuracies, and
+    the AUROC of summed step rewards, right steps against wrong ones (steps.process_metrics; a
+    step's reward is the sum over its tokens, a step below 0 is the PRM's predicted error).
+    Keys carry `prefix`; a metric with nothing to average is left out."""
+    items = [(labels, steps.step_scores(r_tok[i].tolist(), spans)) for i, (labels, spans, _, _) in enumerate(labelled)]
+    m = steps.process_metrics(items)
+    return {prefix + k: v for k, v in m.items() if v is not None}
+
+
+def prm_scored_samples(model, tok, rows, cfg, device):
+    """K samples of the policy for each of `rows` (the evaluation's own seed), their outcomes, and
+    the PRM's token rewards β·q_t against π_ref: (Rollout, r_tok (B, T)). Leaves the policy active."""
+    texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows for _ in range(cfg.K)]
+    p_ids, p_mask = encode_prompts(tok, texts, device)
+    model.set_adapter("policy")
+    with seeded(cfg.eval_seed):
+        resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature,
+                              merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
+    outs = decode_responses(tok, resp, mask)
+    r_o, _ = verify_batch(rows, outs, cfg.K, cfg.verify_workers, cfg.sandbox)
+    batch = Rollout(p_ids, p_mask, resp, mask, r_o, rows, outs)
+    model.set_adapter("prm")
+    logp_phi = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
+    with model.disable_adapter():
+        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
+    model.set_adapter("policy")
+    return batch, cfg.beta * prm.implicit_rewards(logp_phi, logp_ref, mask)  # (B, T) β·q_t
+
+
+def held_out_step_truth(model, tok, rows, cfg, device):
+    """step_truth on fresh samples of the first `truth_prompts` held-out prompts (keys eval_step_*);
+    {} when off or when the rows are not the embedded task."""
+    rows = rows[:cfg.truth_prompts]
+    if not cfg.truth_prompts or not is_step_task(rows):
+        return {}
+    batch, r_tok = prm_scored_samples(model, tok, rows, cfg, device)
+    return step_truth(label_batch(rows, batch.resp, batch.mask, tok, cfg.K), r_tok, prefix="eval_step_")
 
 
 # Where the embedded default's SFT model lands on the default held-out prompts: the range over the

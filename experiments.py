@@ -18,13 +18,12 @@ import warnings
 
 import torch
 
-import prm
+import steps
 from checkpoints import latest_checkpoint, load_adapters
 from config import Config, explicit_fields, parse_config, saved_config
-from evaluation import seeded
+from evaluation import prm_scored_samples
 from models import ConfigError, add_adapters, load_base
-from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd
-from tasks import check_sandbox, drop_long_prompts, load_rows, prompt_text, verify_batch
+from tasks import check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, prompt_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,32 +37,40 @@ def reward_page_html(groups, beta, title):
     scale = sorted(vals)[math.ceil(0.98 * (len(vals) - 1))] if vals else 1.0  # robust to a few outliers
     scale = scale or 1.0
 
-    def span(tok, v):
+    def fe(resp, k):  # is token k inside the response's true first wrong step?
+        return resp.get("first_error") is not None and resp["first_error"][0] <= k < resp["first_error"][1]
+
+    def span(tok, v, first_error=False):
         a = min(1.0, abs(v) / scale)
         rgb = "0,150,60" if v >= 0 else "215,40,40"
         shown = html.escape(tok).replace("\n", "↵\n")
-        return f'<span class="t" style="background:rgba({rgb},{a:.2f})" title="{v:+.4f}">{shown}</span>'
+        cls = "t fe" if first_error else "t"  # fe: a token of the true first wrong step
+        return f'<span class="{cls}" style="background:rgba({rgb},{a:.2f})" title="{v:+.4f}">{shown}</span>'
 
     parts = [f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;color:#222}}
 .g{{border-top:1px solid #ccc;padding:.4em 0}} .p{{font-family:monospace;color:#555}}
 .r{{display:flex;gap:1em;align-items:baseline;margin:.3em 0}}
 .meta{{min-width:11em;font-size:90%}} .ok{{color:#080}} .bad{{color:#c00}}
-.resp{{font-family:monospace;white-space:pre-wrap;line-height:1.6}} .t{{border-radius:2px;padding:0 1px}}</style>
+.resp{{font-family:monospace;white-space:pre-wrap;line-height:1.6}} .t{{border-radius:2px;padding:0 1px}}
+.fe{{text-decoration:underline wavy #c00;text-underline-offset:3px}} .truth{{color:#555;font-size:85%}}</style>
 </head><body><h2>{html.escape(title)}</h2>
 <p>Each response token is coloured by its implicit process reward <b>β·q<sub>t</sub> = β·log
 π<sub>φ</sub>(y<sub>t</sub>)/π<sub>ref</sub>(y<sub>t</sub>)</b> (β = {beta}): <span style="background:rgba(0,150,60,.8)">
 green</span> where the PRM credits the token, <span style="background:rgba(215,40,40,.8)">red</span> where it blames
 it; full colour at |β·q<sub>t</sub>| ≥ {scale:.3g}. Hover a token for its value. r<sub>o</sub> is the verifier's outcome;
-Σ = β·Σ<sub>t</sub>q<sub>t</sub> is the PRM's sequence reward (its logit that the response is correct).</p>"""]
+Σ = β·Σ<sub>t</sub>q<sub>t</sub> is the PRM's sequence reward (its logit that the response is correct). On the
+arithmetic task, <span class="fe">wavy underline</span>: the response's true first wrong step (by the step labels),
+and which step the PRM blames first (the first whose summed reward is below 0).</p>"""]
     for g in groups:
         parts.append(f'<div class="g"><div class="p">prompt: {html.escape(g["prompt"])} &nbsp; '
                      f'(answer {html.escape(str(g["answer"]))})</div>')
         for resp in g["responses"]:
             cls, mark = ("ok", "✓") if resp["r_o"] >= 1 else ("bad", "✗")
             parts.append(f'<div class="r"><div class="meta"><span class="{cls}">{mark} r<sub>o</sub> = '
-                         f'{resp["r_o"]:g}</span> &nbsp; Σ = <span class="sum">{sum(resp["r"]):+.3f}</span></div>'
-                         f'<div class="resp">{"".join(span(t, v) for t, v in zip(resp["tokens"], resp["r"]))}</div></div>')
+                         f'{resp["r_o"]:g}</span> &nbsp; Σ = <span class="sum">{sum(resp["r"]):+.3f}</span>'
+                         + (f'<br><span class="truth">{html.escape(resp["truth"])}</span>' if "truth" in resp else "")
+                         + f'</div><div class="resp">{"".join(span(t, v, fe(resp, k)) for k, (t, v) in enumerate(zip(resp["tokens"], resp["r"])))}</div></div>')
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -71,34 +78,31 @@ it; full colour at |β·q<sub>t</sub>| ≥ {scale:.3g}. Hover a token for its va
 
 def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=None):
     """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
-    against π_ref, and write the page; prompts whose samples are both right and wrong come first."""
+    against π_ref, and write the page; prompts whose samples are both right and wrong come first.
+    On the embedded task each response also shows its true first wrong step (underlined) and the
+    step the PRM blames first (the first whose summed reward is below 0)."""
     n_prompts = n_prompts or cfg.reward_pages
     cand = rows[: 4 * n_prompts]
-    texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in cand for _ in range(cfg.K)]
-    p_ids, p_mask = encode_prompts(tok, texts, device)
-    model.set_adapter("policy")
-    with seeded(cfg.eval_seed):
-        resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature,
-                                 merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
-    r_o, _ = verify_batch(cand, decode_responses(tok, resp, mask), cfg.K, cfg.verify_workers, cfg.sandbox)
-    batch = Rollout(p_ids, p_mask, resp, mask, r_o, cand)
-    model.set_adapter("prm")
-    logp_phi = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
-    with model.disable_adapter():
-        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
-    model.set_adapter("policy")
-    r = cfg.beta * prm.implicit_rewards(logp_phi, logp_ref, mask)  # (B, T) β·q_t
+    batch, r = prm_scored_samples(model, tok, cand, cfg, device)  # r: (B, T) β·q_t
+    labelled = label_batch(cand, batch.resp, batch.mask, tok, cfg.K) if is_step_task(cand) else None
     groups = []
     for g, row in enumerate(cand):
-        sl = range(g * cfg.K, (g + 1) * cfg.K)
         responses = []
-        for i in sl:
-            n = int(mask[i].sum())
-            responses.append({"tokens": [tok.decode([t]) for t in resp[i, :n].tolist()],
-                              "r": r[i, :n].tolist(), "r_o": r_o[i].item()})
+        for i in range(g * cfg.K, (g + 1) * cfg.K):
+            n = int(batch.mask[i].sum())
+            resp = {"tokens": [tok.decode([t]) for t in batch.resp[i, :n].tolist()], "r": r[i, :n].tolist(),
+                    "r_o": batch.r_o[i].item()}
+            if labelled:
+                labels, spans, _, _ = labelled[i]
+                pred = steps.predicted_first_error(steps.step_scores(resp["r"], spans))
+                resp["first_error"] = spans[labels.first_wrong] if labels.first_wrong is not None else None
+                resp["truth"] = (f"first wrong step {labels.first_wrong + 1}" if labels.first_wrong is not None else
+                                 "every step right" + ("" if labels.ok else f" ({', '.join(labels.errors)})"))
+                resp["truth"] += f"; PRM blames {'step ' + str(pred + 1) if pred is not None else 'none'}"
+            responses.append(resp)
         mixed = len({x["r_o"] for x in responses}) > 1
-        groups.append((not mixed, g, {"prompt": texts[g * cfg.K], "answer": row["reward_model"]["ground_truth"],
-                                      "responses": responses}))
+        groups.append((not mixed, g, {"prompt": prompt_text(tok, row["prompt"], row.get("ability")),
+                                      "answer": row["reward_model"]["ground_truth"], "responses": responses}))
     groups = [x[2] for x in sorted(groups, key=lambda x: x[:2])[:n_prompts]]
     with open(path, "w") as f:
         f.write(reward_page_html(groups, cfg.beta, f"Implicit process rewards: {run_dir}"))
@@ -146,6 +150,11 @@ ARMS = {  # named arms; any other arm is written NAME:flag=value:flag=value (e.g
     "zero-prm": ["--prm-update", "none"],
     "grpo": ["--adv-estimator", "grpo"],
     "reinforce": ["--adv-estimator", "reinforce"],
+    # Process rewards from the embedded task's step labels instead of the PRM: the upper bound of
+    # what dense process rewards can buy on this task (README, "Process ground truth").
+    "oracle": ["--reward-mode", "oracle"],
+    # PRIME with min-form credit (PURE, arXiv 2504.15275): process return = min of future rewards.
+    "min-form": ["--process-credit", "min"],
 }
 
 
@@ -185,9 +194,14 @@ def compare_table(results, ref, window=10):
         smooth = [sum(mean_curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(n)]
         t_steps = [m["t_step"] for r in seeds for m in r["metrics"] if "t_step" in m]
         prm_acc = [m["prm_acc_fresh"] for r in seeds for m in r["metrics"] if m.get("process_on") and "prm_acc_fresh" in m]
+        last = [m for r in seeds for m in sorted(r["metrics"], key=lambda m: m["step"])[n - window:n]]
+        step_f1 = [m["step_f1"] for m in last if "step_f1" in m]  # fresh batches, last `window` steps
+        step_auc = [m["step_auroc"] for m in last if "step_auroc" in m]
         table[arm] = {"seeds": len(seeds), "final_reward": mean_sd([sum(c[n - window:n]) / window for c in curves]),
                       "curve": mean_curve, "smooth": smooth, "t_step": stats_.median(t_steps) if t_steps else float("nan"),
                       "prm_acc_fresh": stats_.mean(prm_acc) if prm_acc else None,
+                      "step_f1": stats_.mean(step_f1) if step_f1 else None,
+                      "step_auroc": stats_.mean(step_auc) if step_auc else None,
                       **{k: mean_sd([r["summary"][k] for r in seeds]) for k in
                          ("acc_before", "acc_after", "greedy_before", "greedy_after")}}
     target = table[ref]["final_reward"][0]
@@ -206,27 +220,32 @@ def compare_markdown(table, ref, target, window):
         return f"{x[0]:.3f} ± {x[1]:.3f}"
     lines = [f"| arm | seeds | training reward, last {window} steps | held-out sampled: before → after (Δ) | "
              f"held-out greedy Δ | steps to reach {ref}'s final reward ({target:.3f}) | sample efficiency vs {ref} | "
-             f"s/step (median) | time vs {ref} | PRM ranking acc. (fresh) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"s/step (median) | time vs {ref} | PRM ranking acc. (fresh) | PRM step F1 / AUROC (fresh, last {window}) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, r in table.items():
         d = r["acc_after"][0] - r["acc_before"][0]
         g = r["greedy_after"][0] - r["greedy_before"][0]
         hit = r["steps_to_target"] or "not reached"
         eff = f"{r['efficiency']:.2f}x" if r["efficiency"] else "-"
         prm_acc = f"{r['prm_acc_fresh']:.3f}" if r["prm_acc_fresh"] is not None else "-"
+        f1 = r.get("step_f1")
+        truth = f"{f1:.3f} / {r['step_auroc']:.3f}" if f1 is not None and r.get("step_auroc") is not None else "-"
         lines.append(f"| {arm} | {r['seeds']} | {pm_(r['final_reward'])} | {r['acc_before'][0]:.3f} → "
                      f"{pm_(r['acc_after'])} ({d:+.3f}) | {g:+.3f} | {hit} | {eff} | {r['t_step']:.2f} | "
-                     f"{r['t_ratio']:.2f}x | {prm_acc} |")
+                     f"{r['t_ratio']:.2f}x | {prm_acc} | {truth} |")
     return "\n".join(lines)
 
 
 def compare_plot(results, table, ref, target, window, path):
-    """Training reward and held-out accuracy against RL step: one line per arm, band = ±1 sd over seeds."""
+    """Training reward and held-out accuracy against RL step, and (when logged) the PRM's step F1 on
+    fresh batches: one line per arm, band = ±1 sd over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    with_f1 = any("step_f1" in m for seeds in results.values() for r in seeds for m in r["metrics"])
+    fig, axes = plt.subplots(1, 3 if with_f1 else 2, figsize=(18 if with_f1 else 12, 4.5))
+    ax1, ax2 = axes[:2]
     for arm, seeds in results.items():
         n = len(table[arm]["curve"])
         curves = np.array([[m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])][:n] for r in seeds])
@@ -244,11 +263,20 @@ def compare_plot(results, table, ref, target, window, path):
         ys = np.array([[p[s] for s in steps] for p in pts])
         ax2.plot(steps, ys.mean(0), marker="o", color=line.get_color(), label=arm)
         ax2.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
+        if with_f1 and all(any("step_f1" in m for m in r["metrics"]) for r in seeds):
+            f1 = np.array([[m.get("step_f1", np.nan) for m in sorted(r["metrics"], key=lambda m: m["step"])][:n]
+                           for r in seeds])  # (seeds, steps)
+            f1 = np.array([[np.nanmean(c[max(0, i - window + 1):i + 1]) for i in range(n)] for c in f1])
+            axes[2].plot(x, f1.mean(0), color=line.get_color(), label=arm)
+            axes[2].fill_between(x, f1.mean(0) - f1.std(0), f1.mean(0) + f1.std(0), color=line.get_color(), alpha=0.2)
     ax1.axhline(target, color="gray", ls="--", lw=1, label=f"{ref} final ({target:.3f})")
     ax1.set(xlabel="RL step", ylabel=f"training reward (sampled accuracy, mean of last {window} steps)",
             title="Training reward")
     ax2.set(xlabel="RL step", ylabel="held-out accuracy (sampled, T=1)", title="Held-out accuracy")
-    for ax in (ax1, ax2):
+    if with_f1:
+        axes[2].set(xlabel="RL step", ylabel=f"first-error F1 (fresh batch, mean of last {window} steps)",
+                    title="PRM against the step labels", ylim=(0, 1))
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     n_seeds = len(next(iter(results.values())))

@@ -70,11 +70,12 @@ import prm
 import rl
 from checkpoints import latest_checkpoint, load_checkpoint, load_prm_init, make_logger, save_checkpoint
 from config import parse_config, print_memory_plan
-from evaluation import drop_warning, evaluate, start_report
+from evaluation import drop_warning, evaluate, held_out_step_truth, start_report, step_truth
 from models import ConfigError, add_adapters, adapter_params, load_base
 from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd, pad_cat, token_logprobs
 from sft import sft_warmup
-from tasks import check_sandbox, drop_long_prompts, load_rows, prompt_text, verify_batch
+from tasks import (check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, oracle_process_rewards,
+                   prompt_text, verify_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,14 +171,15 @@ def minibatches(n_groups, K, n):
     return bounds
 
 
-def prm_step(model, batch, logp_ref, cfg, opt_prm):
+def prm_step(model, batch, logp_ref, cfg, opt_prm, labelled=None):
     """Blocks 4-5: implicit rewards q from the PRM, then its cross-entropy update (ALGORITHM.md §3).
 
     Single-forward (default): q is recorded from the same forward that the update uses, so the
     rewards come from the PRM before it saw this batch (mini-batch by mini-batch, as [O]).
     Double-forward: after the update, q is recomputed with the updated PRM. `none`: no update.
     Returns q (B, T) and stats, including the pairwise accuracy on this fresh batch before the
-    update (does the PRM generalise?) and after it.
+    update (does the PRM generalise?) and after it. With the batch's step labels (`labelled`,
+    tasks.label_batch), also whether the fresh rewards point at the step that went wrong (step_*).
     """
     model.set_adapter("prm")  # the PRM adapter is active and trainable, the policy's is frozen
     B, K, micro = batch.B, cfg.K, cfg.micro_batch
@@ -200,6 +202,8 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm):
             opt_prm.step()
     q = torch.cat(qs)  # (B, T)
     stats = {"prm_loss": sum(losses), "prm_acc_fresh": prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)}
+    if labelled:
+        stats.update(step_truth(labelled, cfg.beta * q))  # (B, T) β·q_t before the update
     if cfg.prm_update != "none":
         logp_phi = logprobs_nograd(model, batch, micro, cfg.logprob_chunk)  # (B, T) the updated PRM
         q_after = prm.implicit_rewards(logp_phi, logp_ref, batch.mask)  # (B, T)
@@ -217,7 +221,7 @@ def advantages(q, batch, cfg, use_process):
         p = rl.batch_norm(q, mask) if cfg.prime_norm == "batch_norm" else cfg.beta * q  # (B, T)
         p = cfg.process_coef * p
     if cfg.adv_estimator == "rloo":
-        returns = rl.rloo_returns(p, batch.r_o, mask, K, cfg.gamma_process, cfg.gamma_outcome)
+        returns = rl.rloo_returns(p, batch.r_o, mask, K, cfg.gamma_process, cfg.gamma_outcome, cfg.process_credit)
     elif cfg.adv_estimator == "grpo":
         returns = rl.grpo_returns(p, batch.r_o, mask, K, cfg.gamma_process)
     else:
@@ -272,8 +276,11 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
 def fmt_step(step, cfg, m):
     s = (f"step {step}/{cfg.steps} | acc {m['acc']:.3f} | kept {m['kept']}/{cfg.P} | ")
     if "prm_loss" in m:
-        s += (f"prm_loss {m['prm_loss']:.3f} | prm_acc {m['prm_acc_fresh']:.2f}->{m.get('prm_acc_after', float('nan')):.2f} | "
-              f"|ret| p {m['ret_process']:.3f}{'' if m['process_on'] else ' (off)'} o {m['ret_outcome']:.3f} | ")
+        s += f"prm_loss {m['prm_loss']:.3f} | prm_acc {m['prm_acc_fresh']:.2f}->{m.get('prm_acc_after', float('nan')):.2f} | "
+    if "step_f1" in m:  # the fresh rewards against the step labels: first-error F1, step AUROC
+        s += f"step F1 {m['step_f1']:.2f} auc {m.get('step_auroc', float('nan')):.2f} | "
+    if cfg.reward_mode != "outcome":
+        s += f"|ret| p {m['ret_process']:.3f}{'' if m['process_on'] else ' (off)'} o {m['ret_outcome']:.3f} | "
     s += (f"pg {m.get('pg_loss', 0):+.3f} | clip {m.get('clipfrac', 0):.3f} | ent {m.get('entropy', 0):.3f} | len {m['len']:.1f} | "
           f"{m['t_step']:.2f}s (roll {m['t_rollout']:.2f} ver {m['t_verify']:.2f} prm {m.get('t_prm', 0):.2f} pol {m.get('t_policy', 0):.2f})")
     fails = [f"{k[2:]} {v}" for k, v in sorted(m.items()) if k.startswith("n_") and k != "n_correct"]
@@ -310,6 +317,10 @@ def run(cfg):
     train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
     test_rows = load_rows(cfg.test_data)
     check_sandbox(cfg.sandbox, train_rows + test_rows)
+    truth = is_step_task(train_rows)  # the embedded task: every step of a response can be checked (steps.py)
+    if cfg.reward_mode == "oracle" and not truth:
+        raise ConfigError(f"--reward-mode oracle: its process rewards come from the step labels of the embedded "
+                          f"arithmetic task (rows with data_source 'arith_chain', data/generate.py); {cfg.data} has other rows")
 
     rng = torch.get_rng_state()  # SFT seeds its own RNG: a cold run must draw what a cached one does
     base_path = cfg.model if cfg.model else sft_warmup(cfg, device)
@@ -358,6 +369,7 @@ def run(cfg):
     log, close_log = make_logger(cfg, run_dir, start)
 
     use_prm = cfg.reward_mode == "prime"
+    q_source = cfg.reward_mode in ("prime", "oracle")  # process rewards: from the PRM, or from the step labels
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="RL", disable=not cfg.show_progress, mininterval=1,
                initial=start, total=cfg.steps)
     for step in bar:
@@ -381,7 +393,10 @@ def run(cfg):
                 logp_old = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
             m["t_policy"] = time.time() - t
 
-            # 4-5. Implicit process rewards and the PRM's cross-entropy update.
+            # 4-5. Implicit process rewards and the PRM's cross-entropy update. On the embedded task
+            # the step labels say which step went wrong: the PRM is scored against them, or, with
+            # --reward-mode oracle, they give the process rewards in place of a PRM.
+            labelled = label_batch(batch.rows, batch.resp, batch.mask, tok, cfg.K) if truth and q_source else None
             q = None
             if use_prm:
                 t = time.time()
@@ -390,9 +405,11 @@ def run(cfg):
                         logp_ref = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)
                 else:
                     logp_ref = logp_old
-                q, st = prm_step(model, batch, logp_ref, cfg, opt_prm)
+                q, st = prm_step(model, batch, logp_ref, cfg, opt_prm, labelled)
                 m.update(st)
                 m["t_prm"] = time.time() - t
+            elif cfg.reward_mode == "oracle":
+                q = oracle_process_rewards(labelled, batch.resp.shape[1], cfg.oracle_form)  # (B, T)
 
             # 6. Advantages: RLOO on process and outcome rewards, summed, whitened. Optional guards
             # (off in [O]): a PRM warm-up, and a gate on the PRM's ranking of fresh samples.
@@ -400,7 +417,7 @@ def run(cfg):
                 if step > 1:  # step 1 scores (part of) the batch with the zero PRM: ties count as 0
                     acc_ema = 0.9 * acc_ema + 0.1 * m["prm_acc_fresh"]
                 m["prm_acc_ema"] = acc_ema
-            m["process_on"] = use_prm and step > cfg.prm_warmup and acc_ema >= cfg.prm_gate
+            m["process_on"] = cfg.reward_mode == "oracle" or (use_prm and step > cfg.prm_warmup and acc_ema >= cfg.prm_gate)
             A, st = advantages(q, batch, cfg, use_process=m["process_on"])
             m.update(st)
 
@@ -413,6 +430,8 @@ def run(cfg):
             # 8. Log, evaluate, checkpoint.
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 m["eval_acc"] = evaluate(model, tok, test_rows, cfg, device, False, f"eval step {step}")
+                if use_prm:
+                    m.update(held_out_step_truth(model, tok, test_rows, cfg, device))
             m["t_step"] = time.time() - t0
             tqdm.write(fmt_step(step, cfg, m))
         history.append(m)
@@ -430,18 +449,22 @@ def run(cfg):
     model.set_adapter("policy")
     acc_after = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) after RL")
     greedy_after = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) after RL")
+    truth_after = held_out_step_truth(model, tok, test_rows, cfg, device) if use_prm else {}
     if cfg.reward_pages and use_prm:
         experiments.write_reward_page(model, tok, test_rows, cfg, device, os.path.join(run_dir, "rewards.html"), run_dir)
     model.save_pretrained(os.path.join(run_dir, "adapters"))  # adapters/policy/ and adapters/prm/
     summary = {**ev, "acc_after": acc_after, "greedy_after": greedy_after, "seed": cfg.seed,
                "reward_mode": cfg.reward_mode, "steps": cfg.steps, "eval_prompts": len(test_rows),
-               "eval_samples": cfg.eval_samples, "wall_time_s": time.time() - t_start}
+               "eval_samples": cfg.eval_samples, **truth_after, "wall_time_s": time.time() - t_start}
     json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=2)
     acc_before, greedy_before = ev["acc_before"], ev["greedy_before"]
     print("\nheld-out accuracy (%d prompts)   sampled T=1 (%d/prompt)   greedy" % (len(test_rows), cfg.eval_samples))
     print(f"  before RL (SFT model)        {acc_before:.3f}                    {greedy_before:.3f}")
     print(f"  after RL ({cfg.reward_mode}, {cfg.steps} steps)   {acc_after:.3f}                    {greedy_after:.3f}")
     print(f"  change                       {acc_after - acc_before:+.3f}                   {greedy_after - greedy_before:+.3f}")
+    if "eval_step_f1" in truth_after:
+        print(f"PRM against the step labels ({cfg.truth_prompts} held-out prompts x {cfg.K}): first-error F1 "
+              f"{truth_after['eval_step_f1']:.3f}, step AUROC {truth_after.get('eval_step_auroc', float('nan')):.3f}")
     warning = drop_warning(cfg.steps, acc_after, ev, history, cfg)
     if warning:
         print(warning)

@@ -7,6 +7,7 @@ Implements (docs/ALGORITHM.md §2.4-6, which follows the paper's code [O]):
     with m_j the mean of sample j's rewards on its mask, then a reverse (discounted) cumsum;
     process and outcome returns are summed 1:1
   - GRPO (paper Eq. 7) and REINFORCE (Eq. 8) with process rewards, as options
+  - min-form credit (PURE, arXiv 2504.15275):       G_t = min_{t' ≥ t} r_t' instead of Σ_{t' ≥ t} r_t'
   - whitening over all valid tokens of the batch (code only)
   - the PPO-clip loss (paper Eq. 6), no KL term (the paper's coefficient is 0), no entropy bonus.
 Pure tensor math: no models, no config object.
@@ -37,6 +38,28 @@ def reverse_cumsum(x, gamma=1.0):
         running = x[..., t] + gamma * running
         G[..., t] = running
     return G
+
+
+def min_form_returns(r, mask):
+    """Min-form credit (PURE: Cheng et al., 2025, arXiv 2504.15275): G_t = min_{t' ≥ t, mask_t' = 1} r_t'.
+
+    The process return of a token is the smallest process reward still to come in its response,
+    not their (discounted) sum `reverse_cumsum`: one high reward can no longer lift the return of
+    every token before it, which the paper finds is how summed PRM rewards get hacked, and a
+    return stays within the range of the rewards. No γ: a min does not discount.
+    Masked positions take no part in the min (they may hold anything) and get return 0.
+    This is the hard min of the paper's definition of the value. In practice the paper reaches
+    min-form through a temperature-weighted (softmin) transform of the rewards followed by the usual
+    sum, which tends to this min as the temperature goes to 0; that transform is not implemented
+    here. PURE's rewards are per reasoning step; with PRIME's per-token q the min is over tokens.
+    Example: min_form_returns(tensor([[0.3, -0.2, 0.5, 9.0]]), tensor([[1, 1, 1, 0]]))
+             -> tensor([[-0.2, -0.2, 0.5, 0.0]])
+    """
+    assert r.is_floating_point(), f"process rewards must be floating point, got {r.dtype}"
+    valid = mask.bool()  # (B, T)
+    inf = torch.full_like(r, float("inf"))  # (B, T)
+    future_min = torch.where(valid, r, inf).flip(-1).cummin(-1).values.flip(-1)  # (B, T) min over t' ≥ t
+    return torch.where(valid, future_min, torch.zeros_like(r))  # (B, T)
 
 
 def batch_norm(q, mask):
@@ -72,11 +95,15 @@ def rloo_token_scores(s, m, K):
     return (K * s - group_sum) / (K - 1) * m  # (B, T)
 
 
-def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0):
+def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0, process_credit="sum"):
     """Returns-to-go from RLOO on process rewards `p` and outcomes `r_o`, summed 1:1 (ALGORITHM.md §4.2).
 
     p: (B, T) process rewards (already normalised) or None for the outcome-only baseline;
     r_o: (B,) outcome scores, placed at each row's last valid token.
+    process_credit: "sum" (PRIME) gives the process part as the discounted sum of the leave-one-out
+    scores still to come; "min" (PURE's min-form) as their minimum (`min_form_returns`; no γ).
+    The leave-one-out line maps a row's scores by one affine map with a positive scale
+    (K/(K−1)·s − const), so taking it before or after the min gives the same returns.
     """
     B, T = mask.shape
     assert K >= 2 and B % K == 0, f"need K >= 2 and whole groups: B={B}, K={K}"
@@ -85,7 +112,9 @@ def rloo_returns(p, r_o, mask, K, gamma_process=1.0, gamma_outcome=1.0):
     outcome = r_o.to(torch.float32).view(B, 1) * last  # (B, T) r_o at the last valid token
     returns = reverse_cumsum(rloo_token_scores(outcome, last, K), gamma_outcome)  # (B, T)
     if p is not None:
-        returns = returns + reverse_cumsum(rloo_token_scores(p.float(), mask, K), gamma_process)
+        s = rloo_token_scores(p.float(), mask, K)  # (B, T) leave-one-out process scores
+        assert process_credit in ("sum", "min"), f"process_credit must be sum or min, got {process_credit!r}"
+        returns = returns + (reverse_cumsum(s, gamma_process) if process_credit == "sum" else min_form_returns(s, mask))
     return returns * mask  # (B, T)
 
 

@@ -5,7 +5,10 @@ Rows follow the schema of PRIME's RL data, Eurus-2-RL-Data (`prompt` as chat mes
 JSON files or a hub dataset and checked row by row (an error names the file and line).
 `prompt_text` is what the model sees: the chat template with PRIME's system prompt and task
 suffix (paper §4.1), or BOS + the prompt for the tiny default. `verify_batch` turns response
-texts into outcome scores r_o through verifiers.py (code runs in sandbox.py's sandbox).
+texts into outcome scores r_o through verifiers.py (code runs in sandbox.py's sandbox). On the
+embedded arithmetic task every step can be checked too: `label_batch` labels each response's
+steps (steps.py) and maps them to token ranges, and `oracle_process_rewards` turns the labels
+into process rewards.
 
 It must not touch: models, adapters or the config object (it takes plain values).
 """
@@ -15,6 +18,7 @@ import os
 import torch
 
 import sandbox
+import steps
 import verifiers
 from models import ConfigError
 
@@ -173,3 +177,39 @@ def check_sandbox(mode, rows):
     print("code sandbox: " + ("bwrap (bubblewrap)" if mode == "bwrap" else
                               "rlimit, as asked (a plain subprocess with resource limits: programs can read and write "
                               "what this user can and reach the network)"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step labels of the embedded task: the ground truth a PRM's token rewards can be judged against.
+# ---------------------------------------------------------------------------------------------
+STEP_TASK = "arith_chain"  # data_source of the rows data/generate.py writes
+
+
+def is_step_task(rows):
+    """Whether every row is the embedded arithmetic task, whose steps steps.py can check."""
+    return bool(rows) and all(r.get("data_source") == STEP_TASK for r in rows)
+
+
+def label_batch(rows, resp, mask, tok, K):
+    """For each response (row i // K is its prompt): (StepLabels, the steps' token ranges, the
+    box's token range or None, number of valid tokens). Tokens are decoded one by one (specials
+    as ""), so the ranges index `resp`'s columns whatever the tokenizer."""
+    out = []
+    for i in range(resp.shape[0]):
+        n = int(mask[i].sum())
+        tokens = [tok.decode([t], skip_special_tokens=True) for t in resp[i, :n].tolist()]
+        text = "".join(tokens)
+        labels = steps.label_steps(rows[i // K]["prompt"][-1]["content"], text)
+        spans = steps.token_spans([s.span for s in labels.steps], tokens, text)
+        box = steps.token_spans([labels.box_span], tokens, text)[0] if labels.box_span else None
+        out.append((labels, spans, box, n))
+    return out
+
+
+def oracle_process_rewards(labelled, T, form="first"):
+    """(B, T) process rewards from the step labels (`label_batch`): steps.oracle_rewards per row,
+    0 after each row's valid tokens. They take the place of the PRM's q in the advantage."""
+    q = torch.zeros(len(labelled), T)  # (B, T)
+    for i, (labels, spans, box, n) in enumerate(labelled):
+        q[i, :n] = torch.tensor(steps.oracle_rewards(labels, spans, box, n, form))
+    return q

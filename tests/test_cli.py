@@ -25,6 +25,9 @@ MICRO = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--ti
     (["--filter-low", "0.9", "--filter-high", "0.5"], "--filter-low: 0.9 is above --filter-high 0.5"),
     (["--prm-init", "nope/adapters/prm"], "--prm-init: nope/adapters/prm/adapter_config.json not found"),
     (["--prm-init", "x", "--reward-mode", "outcome"], "--prm-init: --reward-mode outcome has no PRM"),
+    (["--oracle-form", "every"], "--oracle-form: only --reward-mode oracle reads it"),
+    (["--process-credit", "min", "--reward-mode", "outcome"], "--process-credit: --reward-mode outcome has no process"),
+    (["--process-credit", "min", "--adv-estimator", "grpo"], "--process-credit: min-form credit is implemented for"),
     (["--data", "nope.jsonl"], "data file not found: nope.jsonl"),
     (["--steps", "0"], "--steps: must be >= 1"),
 ])

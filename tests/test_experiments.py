@@ -195,3 +195,32 @@ def test_tensorboard_events_hold_the_metrics_when_installed(tmp_path):
     metrics = _metrics(runs / "tb")
     for key in ("acc", "prm_loss", "pg_loss"):
         assert [(e.step, round(e.value, 5)) for e in ev.Scalars(key)] == [(m["step"], round(m[key], 5)) for m in metrics]
+
+
+def test_compare_table_averages_the_prms_step_f1_over_the_last_window_and_seeds():
+    a, b = _fake([0.5] * 4, 1.0), _fake([0.5] * 4, 1.0)
+    for r, f1s in ((a, [0.9, 0.1, 0.2, 0.4]), (b, [0.9, 0.9, 0.6, 0.8])):
+        for m, f1 in zip(r["metrics"], f1s):
+            m.update(step_f1=f1, step_auroc=0.5 + f1 / 10)
+    table, target = ex.compare_table({"prime": [a, b], "outcome": [_fake([0.5] * 4, 1.0)]}, "outcome", window=2)
+    assert table["prime"]["step_f1"] == pytest.approx((0.2 + 0.4 + 0.6 + 0.8) / 4)
+    assert table["outcome"]["step_f1"] is None
+    md = ex.compare_markdown(table, "outcome", target, 2)
+    assert "| 0.500 / 0.550 |" in md and md.splitlines()[-1].endswith("| - | - |")
+
+
+def test_named_arms_for_process_ground_truth():
+    assert ex.arm_flags("oracle") == ("oracle", ["--reward-mode", "oracle"])
+    assert ex.arm_flags("min-form") == ("min-form", ["--process-credit", "min"])
+    for name in ("oracle", "min-form"):
+        config.parse_config(ex.ARMS[name])  # each is a valid configuration
+
+
+def test_reward_page_underlines_the_true_first_wrong_step_and_says_what_the_prm_blames():
+    groups = [{"prompt": "1+2+3=", "answer": "6", "responses": [
+        {"tokens": list("1+2=4;4+3=7;"), "r": [0.0] * 12, "r_o": 0.0, "first_error": (0, 6),
+         "truth": "first wrong step 1; PRM blames none"}]}]
+    page = ex.reward_page_html(groups, 0.05, "t")
+    underlined = re.findall(r'<span class="t fe"[^>]*>([^<]*)</span>', page)
+    assert "".join(underlined) == "1+2=4;"
+    assert "first wrong step 1; PRM blames none" in page

@@ -413,13 +413,13 @@ def test_reference_log_probs_are_the_rollout_policys_or_the_frozen_bases(world, 
     monkeypatch.setattr(pm, "verify_batch", every_step_passes(world))
     seen, orig = [], pm.prm_step
 
-    def spy(model, batch, logp_ref, cfg, opt_prm):
+    def spy(model, batch, logp_ref, cfg, opt_prm, labelled=None):
         model.set_adapter("policy")
         policy = sampling.logprobs_nograd(model, batch, cfg.micro_batch)
         with model.disable_adapter():
             base = sampling.logprobs_nograd(model, batch, cfg.micro_batch)
         seen.append((logp_ref.clone(), policy, base))
-        return orig(model, batch, logp_ref, cfg, opt_prm)
+        return orig(model, batch, logp_ref, cfg, opt_prm, labelled)
     monkeypatch.setattr(pm, "prm_step", spy)
     pm.run(config.parse_config(argv(world, f"ref-{ref_type}", "--steps", "2", "--ref-type", ref_type)))
     assert len(seen) == 2
@@ -564,3 +564,87 @@ def test_one_step_produces_the_shapes_the_readme_names(world, monkeypatch):
     for name, shape in named:
         want = tuple(size[d.strip()] for d in shape.split(",") if d.strip())
         assert tuple(got[name].shape) == want, f"README: `{name}` ({shape}), the code gives {tuple(got[name].shape)}"
+
+
+# --- process ground truth: the PRM scored against the step labels, and the oracle arm ---------
+def arith_rows(prompts):
+    return [{"data_source": "arith_chain", "prompt": [{"role": "user", "content": p}], "ability": "math",
+             "reward_model": {"ground_truth": str(eval(p[:-1]))}} for p in prompts]
+
+
+def labelled_batch(world, cfg, texts_per_group):
+    """A Rollout of hand-written responses to arithmetic prompts (character tokenizer), and its labels."""
+    rows = arith_rows([p for p, _ in texts_per_group])
+    texts = [t for _, ts in texts_per_group for t in ts]
+    prompts = [tasks.prompt_text(world.tok, r["prompt"]) for r in rows for _ in range(cfg.K)]
+    ids, am = sampling.encode_prompts(world.tok, prompts, "cpu")
+    seqs = [world.tok(t, add_special_tokens=False)["input_ids"] + [world.tok.eos_token_id] for t in texts]
+    T = max(map(len, seqs))
+    resp = torch.tensor([s + [world.tok.pad_token_id] * (T - len(s)) for s in seqs])
+    mask = torch.tensor([[1.0] * len(s) + [0.0] * (T - len(s)) for s in seqs])
+    r_o = torch.tensor([float(t.endswith("{%s}" % rows[i // cfg.K]["reward_model"]["ground_truth"]))
+                        for i, t in enumerate(texts)])  # (B,) the boxed answer is the total
+    batch = sampling.Rollout(ids, am, resp, mask, r_o, rows, texts)
+    return batch, tasks.label_batch(rows, resp, mask, world.tok, cfg.K)
+
+
+GROUPS = [("47+8-3=", ["47+8=55;55-3=52;\\boxed{52}", "47+8=55;55-3=51;\\boxed{51}"]),
+          ("20-4+9=", ["20-4=16;16+9=25;\\boxed{25}", "20-4=15;15+9=24;\\boxed{24}"])]
+
+
+def test_step_metrics_score_the_prms_rewards_before_its_update(world):
+    """prm_step with the batch's labels logs step_truth of β·q from the PRM *before* it trains on
+    the batch (one mini-batch: every row fresh), while double-forward returns the updated q."""
+    import evaluation
+    cfg = micro_cfg(K=2, prm_minibatches=1, prm_update="double", lr_prm=5e-2)
+    model = adapted_model(world, cfg)
+    batch, labelled = labelled_batch(world, cfg, GROUPS)
+    assert [x[0].first_wrong for x in labelled] == [None, 1, None, 0], "hand labels of the four responses"
+    with model.disable_adapter():
+        logp_ref = pm.logprobs_nograd(model, batch, 4)
+    model.set_adapter("prm")
+    q_before = prm.implicit_rewards(pm.logprobs_nograd(model, batch, 4), logp_ref, batch.mask)  # (B, T)
+    want = evaluation.step_truth(labelled, cfg.beta * q_before)
+    opt = torch.optim.AdamW(models.adapter_params(model, "prm"), lr=cfg.lr_prm)
+    q, st = pm.prm_step(model, batch, logp_ref, cfg, opt, labelled)
+    assert not torch.allclose(q, q_before), "double-forward returns the updated PRM's rewards"
+    assert want and {k: st[k] for k in want} == want
+    assert st["step_n_err"] == 2 and st["step_n_ok"] == 2
+
+
+def test_oracle_rewards_are_minus_one_on_the_first_wrong_steps_tokens(world):
+    cfg = micro_cfg(K=2)
+    batch, labelled = labelled_batch(world, cfg, GROUPS)
+    q = tasks.oracle_process_rewards(labelled, batch.resp.shape[1], "first")
+    blamed = ["".join(world.tok.decode([t]) for t, v in zip(batch.resp[i].tolist(), q[i].tolist()) if v == -1.0)
+              for i in range(batch.B)]
+    assert blamed == ["", "55-3=51;", "", "20-4=15;"]
+    assert (q * (1 - batch.mask)).abs().sum() == 0, "nothing beyond the valid tokens"
+
+
+def test_oracle_run_uses_the_labels_from_step_one_and_never_builds_prm_rewards(world, monkeypatch, tmp_path):
+    rows = arith_rows([f"{i}+1=" for i in range(40)])
+    path = tmp_path / "arith.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(pm, "verify_batch", scripted_verify({r["reward_model"]["ground_truth"] for r in rows}))
+    spy, seen, orig = [], [], pm.advantages
+    monkeypatch.setattr(pm, "prm_step", lambda *a, **kw: spy.append(1))
+
+    def advantages(q, batch, cfg, use_process):
+        seen.append((q, tasks.oracle_process_rewards(tasks.label_batch(batch.rows, batch.resp, batch.mask, world.tok,
+                                                                         cfg.K), batch.resp.shape[1]), use_process))
+        return orig(q, batch, cfg, use_process)
+    monkeypatch.setattr(pm, "advantages", advantages)
+    args = argv(world, "oracle", "--steps", "2", "--reward-mode", "oracle") + ["--data", str(path)]
+    _, run_dir = pm.run(config.parse_config(args))
+    m = metrics(run_dir)
+    assert not spy and all("prm_loss" not in x for x in m), "no PRM in the oracle arm"
+    assert [x["process_on"] for x in m] == [True, True], "the labels need no warm-up"
+    for q, want, on in seen:  # the micro model's responses are wrong: each gets a -1 somewhere
+        assert on and torch.equal(q, want) and (q == -1).any(dim=1).all()
+
+
+def test_oracle_refuses_data_without_step_labels_before_building_a_model(world):
+    cfg = config.parse_config(argv(world, "oracle-bad", "--reward-mode", "oracle"))
+    with pytest.raises(models.ConfigError, match="--reward-mode oracle: .* has other rows"):
+        pm.run(cfg)
