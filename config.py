@@ -157,9 +157,11 @@ PRESETS = {
     # and a small evaluation (README, "Real models"). At ~2% base accuracy on the arithmetic task
     # few prompts pass the [0.2, 0.8] filter: 2 rounds of generation a step, not 8, bound the time
     # a step spends looking for them (a step keeps what it found).
-    "smollm2-135m": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "P": 4, "K": 4, "max_new_tokens": 64,
-                     "max_rollout_rounds": 2, "micro_batch": 4, "lora_r": 8, "prm_lora_r": 8, "lr_policy": 1e-4,
-                     "lr_prm": 2e-4, "steps": 10, "eval_n": 8, "eval_samples": 2, "reward_pages": 2},
+    "smollm2-135m": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "data": "data/add_rl.jsonl",
+                     "test_data": "data/add_test.jsonl", "P": 4, "K": 4, "max_prompt_len": 256, "max_new_tokens": 48,
+                     "max_rollout_rounds": 2, "micro_batch": 16, "lora_r": 8, "prm_lora_r": 8, "lr_policy": 3e-4,
+                     "lr_prm": 2e-4, "prm_warmup": 4, "steps": 24, "eval_n": 100, "eval_samples": 4,
+                     "reward_pages": 2},
     "qwen2.5-0.5b": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "load_in_4bit": True, "P": 32, "K": 4,
                      "max_prompt_len": 1024, "max_new_tokens": 3072, "gen_batch": 64, "micro_batch": 4,
                      "logprob_chunk": 1024, "lora_r": 32, "prm_lora_r": 32, "lr_policy": 2e-5, "lr_prm": 4e-5,

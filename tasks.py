@@ -119,14 +119,17 @@ TASK_SUFFIX = {"math": "\n\nPresent the answer in LaTex format: \\boxed{Your ans
 
 def chat_messages(messages, ability=None):
     """The messages a chat model sees: PRIME's system prompt unless the data brings its own, and
-    the task suffix on the last user turn unless it is already there (Eurus-2-RL-Data has both)."""
+    the task suffix on the last user turn unless the answer's form is already there: asked for
+    in that turn (Eurus-2-RL-Data has both) or shown in a worked example, an assistant turn of
+    the prompt (data/add_*.jsonl)."""
     msgs = [dict(m) for m in messages]
     if not any(m.get("role") == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
     suffix = TASK_SUFFIX.get(ability)
     users = [m for m in msgs if m.get("role", "user") == "user"]
     marker = "\\boxed" if ability == "math" else "```python"
-    if suffix and users and marker not in users[-1]["content"]:
+    shown = any(marker in m["content"] for m in msgs if m.get("role") == "assistant")
+    if suffix and users and not shown and marker not in users[-1]["content"]:
         users[-1]["content"] += suffix
     return msgs
 
