@@ -158,9 +158,9 @@ PRESETS = {
     # few prompts pass the [0.2, 0.8] filter: 2 rounds of generation a step, not 8, bound the time
     # a step spends looking for them (a step keeps what it found).
     "smollm2-135m": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "data": "data/add_rl.jsonl",
-                     "test_data": "data/add_test.jsonl", "P": 4, "K": 4, "max_prompt_len": 256, "max_new_tokens": 48,
+                     "test_data": "data/add_test.jsonl", "P": 4, "K": 4, "max_prompt_len": 256, "max_new_tokens": 40,
                      "max_rollout_rounds": 2, "micro_batch": 16, "lora_r": 8, "prm_lora_r": 8, "lr_policy": 3e-4,
-                     "lr_prm": 2e-4, "prm_warmup": 4, "steps": 24, "eval_n": 100, "eval_samples": 4,
+                     "lr_prm": 2e-4, "prm_warmup": 4, "steps": 20, "eval_n": 50, "eval_samples": 4,
                      "reward_pages": 2},
     "qwen2.5-0.5b": {"model": "Qwen/Qwen2.5-0.5B-Instruct", "load_in_4bit": True, "P": 32, "K": 4,
                      "max_prompt_len": 1024, "max_new_tokens": 3072, "gen_batch": 64, "micro_batch": 4,

@@ -1,21 +1,21 @@
 """Write data/add_{rl,test}.jsonl: two-number addition in chat form, for a small pretrained chat model.
 
 The task of `--preset smollm2-135m` (README, "A real pretrained model on the CPU"). Each prompt is
-a chat in the schema of PRIME's RL data (Eurus-2-RL-Data): a short system turn, two worked
-examples as earlier user/assistant turns, then the question:
+a chat in the schema of PRIME's RL data (Eurus-2-RL-Data): a short system turn, one worked
+example as an earlier user/assistant exchange, then the question:
 
     system:    You are a helpful assistant.
-    user:      What is 4 + 3?
-    assistant: 4 + 3 = 7. The answer is \\boxed{7}.
     user:      What is 12 + 25?
     assistant: 12 + 25 = 37. The answer is \\boxed{37}.
     user:      What is 31 + 18?
 
 Why this form: SmolLM2-135M-Instruct, given a question and PRIME's instruction to box the answer,
-almost never boxes it (0-11% of samples at temperature 1), so no prompt passes PRIME's [0.2, 0.8]
-filter and RL has nothing to learn from. With the two examples it boxes ~95% of its samples and
-gets ~40% of them right: most prompts sit inside the filter, and what is left to learn is the sum
-itself. The examples show the answer's form, so `tasks.chat_messages` adds no task suffix.
+almost never boxes it (0-11% of samples at temperature 1, 0-3% right), so no prompt passes
+PRIME's [0.2, 0.8] filter and RL has nothing to learn from. With one worked example it boxes ~70%
+of its samples and gets ~20% right (two examples: ~95% and ~30%, for a prompt 50% longer, which
+on the CPU costs more than the gain): about half the prompts sit inside the filter, and there is
+both the form and the sum to learn. The example shows the answer's form, so
+`tasks.chat_messages` adds no task suffix (measured on 32 prompts x 4 samples, Q4_1 GGUF copy).
 
 Operands are drawn from [1, 50]; the test prompts come first and no prompt is in both files.
 
@@ -27,7 +27,7 @@ import os
 import random
 
 SYSTEM = "You are a helpful assistant."
-EXAMPLES = [(4, 3), (12, 25)]
+EXAMPLES = [(12, 25)]
 
 
 def question(a, b):

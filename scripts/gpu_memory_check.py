@@ -25,8 +25,9 @@ from torch.cuda.max_memory_allocated, and the planner's table for the same confi
 
 Run:  python scripts/gpu_memory_check.py --preset qwen2.5-math-7b [--gpu-memory-gb 16] [prime_mini flags]
       (any prime_mini flag given after the preset wins, e.g. --max-new-tokens 512 for a quicker check;
-       the 7B preset at full length takes about 10 minutes on one H100: 2-3 to build, save and
-       load the model, ~3 a step. Needs ~16 GB of free disk for the temporary bf16 checkpoint.)
+       needs ~16 GB of free disk for the 7B preset's temporary bf16 checkpoint. Not yet run on a
+       GPU: none was available where it was written, so how long it takes is not known; the
+       README's "GPU memory check" section is where its first results go.)
 """
 import argparse
 import json
