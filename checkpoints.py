@@ -69,11 +69,18 @@ def load_adapters(model, folder):
 def load_prm_init(model, cfg, base_path):
     """--prm-init: π_φ starts from a PRM adapter trained by another run (the paper's offline PRM
     when --prm-update none keeps it frozen). Its scores mean something only on the base it was
-    trained with: a warning says when the adapter names another one."""
-    trained_on = json.load(open(os.path.join(cfg.prm_init, "adapter_config.json"))).get("base_model_name_or_path")
-    if trained_on and os.path.abspath(trained_on) != os.path.abspath(base_path):
-        warnings.warn(f"--prm-init: {cfg.prm_init} was trained on {trained_on}, this run's base is {base_path}",
-                      RuntimeWarning)
+    trained with: a warning says when the adapter names another one.
+
+    The adapter names its base as peft records it: the folder the base was loaded from, which for
+    a hub name with a GGUF fallback (--preset smollm2-135m offline) or a .gguf file is the
+    converted folder, not `base_path` (the --model given). So it is compared with what this
+    run's own adapters record, the loaded base's `name_or_path`."""
+    with open(os.path.join(cfg.prm_init, "adapter_config.json")) as f:
+        trained_on = json.load(f).get("base_model_name_or_path")
+    loaded = getattr(model.get_base_model(), "name_or_path", "") or base_path  # what peft saves for this run
+    if trained_on and os.path.abspath(trained_on) != os.path.abspath(loaded):
+        warnings.warn(f"--prm-init: {cfg.prm_init} was trained on {trained_on}, this run's base is {base_path}"
+                      + (f" (loaded from {loaded})" if loaded != base_path else ""), RuntimeWarning)
     load_adapter(model, cfg.prm_init, "prm")
     print(f"PRM: starting from {cfg.prm_init}{' (frozen: --prm-update none)' if cfg.prm_update == 'none' else ''}")
 

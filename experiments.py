@@ -76,6 +76,22 @@ and which step the PRM blames first (the first whose summed reward is below 0).<
     return "\n".join(parts)
 
 
+def token_pieces(tok, ids):
+    """The text each token adds, so that the pieces join to tok.decode(ids). A byte-level BPE
+    token (SmolLM2, Qwen) can hold part of a character's UTF-8 bytes (an emoji, `÷`): decoded
+    alone it is U+FFFD. Such a token shows nothing and the token that completes the character
+    shows all of it; a character never completed shows as U+FFFD, as in the decoded text."""
+    pieces, start = [], 0
+    for k in range(len(ids)):
+        text = tok.decode(ids[start:k + 1])
+        if text.endswith("\ufffd") and k + 1 < len(ids):  # a character's bytes continue in the next token
+            pieces.append("")
+            continue
+        pieces.append(text)
+        start = k + 1
+    return pieces
+
+
 def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=None):
     """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
     against π_ref, and write the page; prompts whose samples are both right and wrong come first.
@@ -90,7 +106,7 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
         responses = []
         for i in range(g * cfg.K, (g + 1) * cfg.K):
             n = int(batch.mask[i].sum())
-            resp = {"tokens": [tok.decode([t]) for t in batch.resp[i, :n].tolist()], "r": r[i, :n].tolist(),
+            resp = {"tokens": token_pieces(tok, batch.resp[i, :n].tolist()), "r": r[i, :n].tolist(),
                     "r_o": batch.r_o[i].item()}
             if labelled:
                 labels, spans, _, _ = labelled[i]

