@@ -36,12 +36,13 @@ def seeded(seed):
             torch.cuda.set_rng_state_all(cuda)
 
 
-def evaluate(model, tok, rows, cfg, device, greedy, desc, with_se=False):
+def evaluate(model, tok, rows, cfg, device, greedy, desc, with_se=False, reasons=None):
     """Held-out accuracy: mean outcome score of `eval_samples` samples per prompt at T=1, or of
     one greedy response. Sampling uses its own fixed seed (common random numbers), so the
     before/after difference and the difference between runs are not blurred by sampling noise;
     the training RNG state is restored afterwards. `with_se`: also the standard error of the
-    mean over prompts, (accuracy, se)."""
+    mean over prompts, (accuracy, se). `reasons`: a dict that gets the verifier's counts added
+    (correct, wrong, no_answer, ...; tasks.verify_batch)."""
     n = 1 if greedy else cfg.eval_samples
     texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows]
     scores = []
@@ -53,12 +54,22 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc, with_se=False):
             resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy,
                                   merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
             outs = decode_responses(tok, resp, mask)
-            s, _ = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers, cfg.sandbox)
+            s, why = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers, cfg.sandbox)
             scores.append(s)
+            if reasons is not None:
+                for k, v in why.items():
+                    reasons[k] = reasons.get(k, 0) + v
     per_prompt = torch.cat(scores).view(-1, n).mean(1)  # (prompts,)
     if with_se:
         return per_prompt.mean().item(), (per_prompt.std() / len(per_prompt) ** 0.5).item() if len(per_prompt) > 1 else 0.0
     return per_prompt.mean().item()
+
+
+def answered(reasons):
+    """The fraction of responses with an answer the verifier could read (for math: a `\\boxed{}`,
+    else "the answer is ..."): the format, apart from whether the answer is right."""
+    total = sum(reasons.values())
+    return 1 - reasons.get("no_answer", 0) / total if total else float("nan")
 
 
 def step_truth(labelled, r_tok, prefix="step_"):

@@ -70,7 +70,7 @@ import prm
 import rl
 from checkpoints import latest_checkpoint, load_checkpoint, load_prm_init, make_logger, save_checkpoint
 from config import parse_config, print_memory_plan
-from evaluation import drop_warning, evaluate, held_out_step_truth, start_report, step_truth
+from evaluation import answered, drop_warning, evaluate, held_out_step_truth, start_report, step_truth
 from models import ConfigError, add_adapters, adapter_params, load_base
 from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd, pad_cat, token_logprobs
 from sft import sft_warmup
@@ -358,8 +358,9 @@ def run(cfg):
         print(f"resuming from {ckpt} (step {start}); metrics after step {start} are re-done")
     else:
         start = 0
-        acc, se = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL", with_se=True)
-        ev = {"acc_before": acc, "acc_before_se": se,
+        why = {}
+        acc, se = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL", with_se=True, reasons=why)
+        ev = {"acc_before": acc, "acc_before_se": se, "answered_before": answered(why),
               "greedy_before": evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) before RL")}
     print(f"before RL: held-out accuracy sampled {ev['acc_before']:.3f} | greedy {ev['greedy_before']:.3f}")
     report = start_report(cfg, ev)
@@ -447,13 +448,14 @@ def run(cfg):
 
     # Evaluation after RL, the token-reward page, both adapters (peft format) and the summary.
     model.set_adapter("policy")
-    acc_after = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) after RL")
+    why = {}
+    acc_after = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) after RL", reasons=why)
     greedy_after = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) after RL")
     truth_after = held_out_step_truth(model, tok, test_rows, cfg, device) if use_prm else {}
     if cfg.reward_pages and use_prm:
         experiments.write_reward_page(model, tok, test_rows, cfg, device, os.path.join(run_dir, "rewards.html"), run_dir)
     model.save_pretrained(os.path.join(run_dir, "adapters"))  # adapters/policy/ and adapters/prm/
-    summary = {**ev, "acc_after": acc_after, "greedy_after": greedy_after, "seed": cfg.seed,
+    summary = {**ev, "acc_after": acc_after, "answered_after": answered(why), "greedy_after": greedy_after, "seed": cfg.seed,
                "reward_mode": cfg.reward_mode, "steps": cfg.steps, "eval_prompts": len(test_rows),
                "eval_samples": cfg.eval_samples, **truth_after, "wall_time_s": time.time() - t_start}
     json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=2)
@@ -462,6 +464,9 @@ def run(cfg):
     print(f"  before RL (SFT model)        {acc_before:.3f}                    {greedy_before:.3f}")
     print(f"  after RL ({cfg.reward_mode}, {cfg.steps} steps)   {acc_after:.3f}                    {greedy_after:.3f}")
     print(f"  change                       {acc_after - acc_before:+.3f}                   {greedy_after - greedy_before:+.3f}")
+    if "answered_before" in ev:  # a run resumed from a checkpoint of an earlier version has no count
+        print(f"samples with a readable answer (the format): {ev['answered_before']:.3f} before, "
+              f"{summary['answered_after']:.3f} after")
     if "eval_step_f1" in truth_after:
         print(f"PRM against the step labels ({cfg.truth_prompts} held-out prompts x {cfg.K}): first-error F1 "
               f"{truth_after['eval_step_f1']:.3f}, step AUROC {truth_after.get('eval_step_auroc', float('nan')):.3f}")

@@ -15,6 +15,7 @@ import prm
 import sampling
 import sft
 import tasks
+import verifiers
 
 
 def tiny_cfg(**kw):
@@ -272,8 +273,19 @@ def test_evaluation_uses_its_own_seed_and_restores_the_training_rng(tok, monkeyp
     torch.manual_seed(1)
     evaluation.evaluate(model, tok, rows, cfg, "cpu", False, "")
     torch.manual_seed(2)
-    evaluation.evaluate(model, tok, rows, cfg, "cpu", False, "")
+    why = {}
+    evaluation.evaluate(model, tok, rows, cfg, "cpu", False, "", reasons=why)
     assert len(texts[0]) == 12 and texts[0] == texts[1]
+    # The verifier's counts cover every sample; the format rate is a plain count over the texts.
+    assert sum(why.values()) == 12
+    readable = sum(verifiers.extract_answer(t) not in (None, "") for t in texts[1])
+    assert evaluation.answered(why) == pytest.approx(readable / 12)
+
+
+def test_answered_is_the_share_of_responses_with_a_readable_answer():
+    assert evaluation.answered({"correct": 3, "wrong": 1, "no_answer": 4}) == 0.5
+    assert evaluation.answered({"no_answer": 2}) == 0.0
+    assert evaluation.answered({"correct": 1}) == 1.0
 
 
 def test_merged_copy_gives_the_policys_logits_and_leaves_the_adapters_untouched(tok):

@@ -218,7 +218,7 @@ def test_chat_messages_add_the_task_suffix_only_where_the_answer_s_form_is_not_s
         "an example without \\boxed: the suffix, on the last user turn only"
 
 
-def test_smollm2_add_task_prompt_is_the_data_s_chat_with_its_examples_and_no_suffix(smollm2):
+def test_smollm2_add_task_prompt_is_the_data_s_chat_with_its_example_and_no_suffix(smollm2):
     _, tok = smollm2
     row = tasks.load_rows(os.path.join(ROOT, "data", "add_test.jsonl"))[0]
     question = row["prompt"][-1]["content"]
@@ -226,8 +226,6 @@ def test_smollm2_add_task_prompt_is_the_data_s_chat_with_its_examples_and_no_suf
     assert row["reward_model"]["ground_truth"] == str(a + b)
     assert tasks.prompt_text(tok, row["prompt"], row["ability"]) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # the data's: not PRIME's, not SmolLM2's
-        "<|im_start|>user\nWhat is 4 + 3?<|im_end|>\n"
-        "<|im_start|>assistant\n4 + 3 = 7. The answer is \\boxed{7}.<|im_end|>\n"
         "<|im_start|>user\nWhat is 12 + 25?<|im_end|>\n"
         "<|im_start|>assistant\n12 + 25 = 37. The answer is \\boxed{37}.<|im_end|>\n"
         f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")  # no "Present the answer in LaTex format"
