@@ -153,10 +153,12 @@ FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "p
 # (--model PRIME-RL/Eurus-2-7B-SFT) has the same architecture and the same plan.
 PRESETS = {
     "tiny": {},
-    # SmolLM2-135M-Instruct in fp32 on 2 CPU cores: small batches, short responses, a short run
-    # and a small evaluation (README, "Real models"). At ~2% base accuracy on the arithmetic task
-    # few prompts pass the [0.2, 0.8] filter: 2 rounds of generation a step, not 8, bound the time
-    # a step spends looking for them (a step keeps what it found).
+    # SmolLM2-135M-Instruct in fp32 on 2 CPU cores, on the two-number addition task written for it
+    # (data/make_add_problems.py): small batches, short responses, a short run and a small
+    # evaluation; 20 steps took 17 min (README, "A real pretrained model on the CPU"). About half
+    # its prompts pass the [0.2, 0.8] filter: 2 rounds of generation a step, not 8, bound the time a
+    # step spends looking (a step keeps what it found). max_prompt_len 256: its prompts are 71 tokens,
+    # and the GPU planner would count 1024.
     "smollm2-135m": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "data": "data/add_rl.jsonl",
                      "test_data": "data/add_test.jsonl", "P": 4, "K": 4, "max_prompt_len": 256, "max_new_tokens": 40,
                      "max_rollout_rounds": 2, "micro_batch": 16, "lora_r": 8, "prm_lora_r": 8, "lr_policy": 3e-4,
