@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import torch
@@ -373,8 +374,10 @@ def add_adapters(base, cfg):
     def lora(r):
         return LoraConfig(r=r, lora_alpha=int(cfg.lora_alpha_ratio * r), lora_dropout=cfg.lora_dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base, lora(cfg.lora_r), adapter_name="policy")
-    model.add_adapter("prm", lora(cfg.prm_lora_r))
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 for a renamed attribute: noise on every run
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(base, lora(cfg.lora_r), adapter_name="policy")
+        model.add_adapter("prm", lora(cfg.prm_lora_r))
     model.set_adapter("policy")
     return model
 
