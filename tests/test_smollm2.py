@@ -241,8 +241,8 @@ def smollm2_prime_step(quant):
     the parameters each phase changed, the log-probs of π_ref before and after, and the step's
     outputs."""
     cfg = config.Config(load_in_4bit=quant == "4bit", lora_r=4, prm_lora_r=4, P=2, K=2, max_new_tokens=8,
-                        temperature=1.5, micro_batch=4, filter_low=0.0, filter_high=1.0, lr_prm=2e-4, lr_policy=3e-4,
-                        show_progress=False)
+                        temperature=1.5, micro_batch=4, filter_low=0.0, filter_high=1.0, show_progress=False,
+                        **{k: config.PRESETS["smollm2-135m"][k] for k in ("lr_prm", "lr_policy")})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(models, "hub_reachable", lambda name: False)
         base, tok = models.load_base(SMOLLM2, "cpu", cfg)
