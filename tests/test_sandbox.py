@@ -245,14 +245,28 @@ NO_BWRAP_AT_ALL = pytest.mark.skipif(not BWRAP_ITSELF_RUNS, reason="bubblewrap i
 BWRAP_TESTS = "((hostile and bwrap) or outside or network or secrets or kill_everything or fork_bomb) and not venv"
 
 
+def see_our_packages(python):
+    """Make the venv of `python` import this interpreter's packages (pytest, math_verify, ...).
+
+    `--system-site-packages` is not that: made from a venv's Python it adds the *base*
+    interpreter's site-packages, not the outer venv's, and the inner pytest then dies on a missing
+    module. A .pth file in the inner venv's site-packages names the directories ours come from."""
+    ours = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+    inner = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(inner, "prime_mini_outer.pth"), "w") as f:
+        f.write("\n".join(ours) + "\n")
+
+
 @NO_BWRAP_AT_ALL
 def test_hostile_programs_are_contained_with_python_in_a_venv_under_tmp():
     # A new user's setup: `python3 -m venv /tmp/venv`. The sandbox's private /tmp must not hide
     # that Python (the runner could not start and the code used to run unconfined instead).
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="prime_") as tmp:
         venv = os.path.join(tmp, "venv")  # made with the usual mode 755 (a TemporaryDirectory is 700)
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", venv], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
         python = os.path.join(venv, "bin", "python")
+        see_our_packages(python)
         out = subprocess.run([python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_sandbox.py",
                               "-k", BWRAP_TESTS], cwd=ROOT, capture_output=True, text=True, timeout=600)
     report = out.stdout + out.stderr
