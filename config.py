@@ -62,6 +62,7 @@ class Config:
     sft_val_data: str = "data/arith_val.jsonl"  # validation prompts of the SFT stopping rule (not used by RL or evaluation)
     sft_seed: int = 0  # seed of the SFT run (shared by RL seeds, so they start from one model)
     retrain_sft: bool = False  # retrain the SFT model even if a cached one exists
+    sft_init: str = ""  # start the SFT warm-up from this tiny model folder (e.g. the SFT model of shorter chains: a curriculum; scripts/chain_length.py) instead of random weights
     # RL: rollout and filter (paper §3.3, §4.1; ALGORITHM.md §6, §8)
     steps: int = 30  # RL steps (paper: 240 for Table 1, 592 for the release; 30 keeps the default run from nothing within 10 CPU minutes)
     P: int = 32  # prompts kept per step (paper: 256; 32 keeps a CPU step near 2 s)
@@ -350,6 +351,8 @@ def validate(cfg):
         bad("load_in_4bit", "needs bitsandbytes (pip install bitsandbytes; version 0.45 or later also runs NF4 on the CPU)")
     if cfg.prm_init:
         check_prm_init(cfg)
+    if cfg.sft_init:
+        check_sft_init(cfg)
     if cfg.plan_memory:
         return  # the planner reads no data
     sft_files = [] if cfg.model else [cfg.sft_data] + ([cfg.sft_val_data] if cfg.sft_target else [])
@@ -362,6 +365,23 @@ def validate(cfg):
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
             bad("wandb_project", "wandb is not installed (pip install wandb), or leave the flag out")
+
+
+def check_sft_init(cfg):
+    """--sft-init must be a saved tiny model (an SFT cache folder) of this run's --tiny-* sizes."""
+    if cfg.model:
+        raise ConfigError("--sft-init: the SFT warm-up belongs to the tiny default; --model runs start from that model")
+    for name in ("config.json", "model.safetensors"):
+        if not os.path.exists(os.path.join(cfg.sft_init, name)):
+            raise ConfigError(f"--sft-init: {os.path.join(cfg.sft_init, name)} not found (give an SFT model folder "
+                              "such as runs/sft/<hash>)")
+    saved = json.load(open(os.path.join(cfg.sft_init, "config.json")))
+    want = {"hidden_size": cfg.tiny_hidden, "num_hidden_layers": cfg.tiny_layers,
+            "num_attention_heads": cfg.tiny_heads, "intermediate_size": cfg.tiny_intermediate}
+    for key, value in want.items():
+        if saved.get(key) != value:
+            raise ConfigError(f"--sft-init: {cfg.sft_init} has {key} = {saved.get(key)}, this run's tiny model {value} "
+                              "(set the --tiny-* flags as the model it starts from)")
 
 
 def check_prm_init(cfg):

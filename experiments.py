@@ -382,3 +382,293 @@ def compare_main(argv, run):
     print("\n" + md)
     print(f"\nplot and table in {folder}/ (compare.png, compare.md, compare.json)")
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Chain length, the difficulty knob of the embedded task, and the sweep over it (README, "When do
+# dense rewards pay off?"): the same arms compared at several chain lengths, one figure.
+# ---------------------------------------------------------------------------------------------
+def chain_tokens(n_ops):
+    """--max-new-tokens for chains of `n_ops` steps: a step `abc+de=fgh;` is at most 12 characters
+    (totals stay below 1000 for n_ops <= 40), the box 9, and room for a few characters more.
+    Example: chain_tokens(4) -> 64 (the default), chain_tokens(16) -> 208."""
+    return 12 * n_ops + 16
+
+
+def chain_files(n_ops):
+    """The data files of a chain length: the shipped ones for 4 steps, else data/arith<N>_*.jsonl."""
+    name = "arith" if n_ops == 4 else f"arith{n_ops}"
+    return {split: f"data/{name}_{split}.jsonl" for split in ("rl", "test", "sft", "val")}
+
+
+def chain_flags(n_ops, sft_init=""):
+    """The flags that make a run use chains of `n_ops` steps (its data, response length, and the SFT
+    model it starts from). [] for the default's 4 steps."""
+    if n_ops == 4:
+        if sft_init:
+            raise ConfigError("chains of 4 steps are the default task: its SFT model starts from scratch")
+        return []
+    f = chain_files(n_ops)
+    flags = ["--data", f["rl"], "--test-data", f["test"], "--sft-data", f["sft"], "--sft-val-data", f["val"],
+             "--max-new-tokens", str(chain_tokens(n_ops))]
+    return flags + (["--sft-init", sft_init] if sft_init else [])
+
+
+def chain_data(n_ops):
+    """Write the data files of a chain length with data/generate.py unless they exist (the script
+    is deterministic, so a file that exists is the one it would write). Returns chain_files."""
+    import subprocess
+    import sys
+    from tasks import resolve
+    files = chain_files(n_ops)
+    if not all(os.path.exists(resolve(p)) for p in files.values()):
+        script = resolve("data/generate.py")
+        subprocess.run([sys.executable, script, "--n-ops", str(n_ops), "--name", f"arith{n_ops}",
+                        "--out", os.path.dirname(script)], check=True)
+    return files
+
+
+def chain_sft(lengths, sft_seed, common, out_dir):
+    """SFT models for chains of each length in `lengths`, as a curriculum: up to 4 steps from
+    scratch (4 is the default's warm-up), each longer length starting from the model of the
+    previous length in [4] + lengths (--sft-init) and trained on its own chains until the usual
+    stopping rule (--sft-target on its own validation prompts). Returns {n_ops: (flags, sft
+    folder)}: the flags a run of that length needs. Example: lengths [8, 16] trains 4, 4 -> 8,
+    8 -> 16; lengths [16] trains 4 and 4 -> 16."""
+    from sft import sft_warmup
+    out, init = {}, ""
+    for n in sorted(set([4] + list(lengths))):
+        if n <= 4:
+            init = ""  # short chains start from scratch
+        chain_data(n)
+        flags = chain_flags(n, init) + ["--sft-seed", str(sft_seed), "--out-dir", out_dir]
+        cfg = parse_config(common + flags)
+        device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        state = torch.random.get_rng_state()
+        path = sft_warmup(cfg, device)
+        torch.random.set_rng_state(state)
+        out[n] = (chain_flags(n, init), path)
+        init = path
+    return {n: v for n, v in out.items() if n in lengths}
+
+
+def chain_main(argv):
+    """`python prime_mini.py chain --n-ops 16 --sft-seeds 0,1,2`: builds a chain length's data and
+    its SFT model for each SFT seed (the curriculum of chain_sft: 4 steps, then each longer length
+    in --via, then this one), evaluates each on the held-out prompts (sampled and greedy, as a run
+    does before RL) and prints the band, and the flags that give a run this length."""
+    import argparse
+    from evaluation import evaluate
+    from models import load_base
+    ap = argparse.ArgumentParser(prog="prime_mini.py chain", description=chain_main.__doc__, allow_abbrev=False)
+    ap.add_argument("--n-ops", type=int, required=True, help="steps per chain (4 = the default task)")
+    ap.add_argument("--via", default="", help="shorter lengths the curriculum passes through, e.g. 8 for 16 (default: none)")
+    ap.add_argument("--sft-seeds", default="0", help="comma-separated SFT seeds")
+    ap.add_argument("--out-dir", default="runs", help="parent folder of the SFT cache (runs/sft/<hash>)")
+    args, common = ap.parse_known_args(argv)
+    via = [int(x) for x in args.via.split(",") if x]
+    if args.n_ops < 1 or any(v < 1 or v >= args.n_ops for v in via):
+        raise ConfigError(f"--n-ops must be >= 1 and every --via length shorter than it (got {args.n_ops}, via {via})")
+    seeds = [int(s) for s in args.sft_seeds.split(",")]
+    rows = []
+    for seed in seeds:
+        flags, path = chain_sft(via + [args.n_ops], seed, common, args.out_dir)[args.n_ops]
+        cfg = parse_config(common + flags + ["--sft-seed", str(seed), "--out-dir", args.out_dir])
+        device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+        base, tok = load_base(path, device, cfg)
+        test = load_rows(cfg.test_data)[: cfg.eval_n or None]
+        sampled = evaluate(base, tok, test, cfg, device, False, "eval (sampled)")
+        greedy = evaluate(base, tok, test, cfg, device, True, "eval (greedy)")
+        info = json.load(open(os.path.join(path, "done")))
+        rows.append((seed, info.get("steps"), sampled, greedy, path))
+        print(f"SFT seed {seed}: {info.get('steps')} steps, held-out sampled {sampled:.3f} | greedy {greedy:.3f} ({path})")
+    print(f"\nchains of {args.n_ops} steps ({len(test)} held-out prompts, {cfg.eval_samples} samples each)")
+    print("| SFT seed | SFT steps | held-out sampled | held-out greedy |\n|---|---|---|---|")
+    for seed, n, s, g, _ in rows:
+        print(f"| {seed} | {n} | {s:.3f} | {g:.3f} |")
+    lo, hi = min(r[2] for r in rows), max(r[2] for r in rows)
+    print(f"band over {len(rows)} SFT seeds: sampled {lo:.3f}-{hi:.3f}, greedy "
+          f"{min(r[3] for r in rows):.3f}-{max(r[3] for r in rows):.3f}")
+    print("a run of this length: python prime_mini.py " + " ".join(chain_flags(args.n_ops, rows[0][4]) or ["(no flags)"]))
+    return rows
+
+
+def sweep_runs(folder, arm, seeds):
+    """The metrics and summary of each seed of one arm of a compare folder."""
+    out = []
+    for seed in range(seeds):
+        run_dir = os.path.join(folder, f"{arm}-s{seed}")
+        out.append({"metrics": [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))],
+                    "summary": json.load(open(os.path.join(run_dir, "summary.json")))})
+    return out
+
+
+def steps_to(curve, target):
+    """First step (1-based) at which `curve` reaches `target`, None if it never does."""
+    return next((i + 1 for i, v in enumerate(curve) if v >= target), None)
+
+
+def sweep_table(results, ref, window):
+    """Per chain length and arm, the gain over the `ref` arm, paired by seed (a seed fixes the data
+    order and all arms of a length start from one SFT model): held-out Δ (sampled, greedy) of the
+    arm minus the ref arm's; the steps each seed needs to reach the ref arm's seed-mean final
+    training reward (trailing mean over `window` steps) and final held-out accuracy, and the ratio
+    ref-steps / arm-steps (the paper's sample efficiency; > 1: the arm gets there sooner).
+    `results`: {n_ops: {arm: [per seed {"metrics", "summary"}]}}. Returns {n_ops: {arm: row}}."""
+    import statistics as st
+
+    def ms(xs):
+        xs = [x for x in xs if x is not None]
+        return (st.mean(xs), st.stdev(xs) if len(xs) > 1 else 0.0, len(xs)) if xs else (None, None, 0)
+    table = {}
+    for n, arms in results.items():
+        rows = {}
+        smooth, evals = {}, {}
+        for arm, seeds in arms.items():
+            smooth[arm] = []
+            evals[arm] = []
+            for r in seeds:
+                c = [m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])]
+                smooth[arm].append([sum(c[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+                                    for i in range(len(c))])
+                e = {m["step"]: m["eval_acc"] for m in r["metrics"] if "eval_acc" in m}
+                e[r["summary"]["steps"]] = r["summary"]["acc_after"]
+                evals[arm].append(e)
+        final_reward = sum(s[-1] for s in smooth[ref]) / len(smooth[ref])  # ref's seed-mean final reward
+        final_acc = sum(r["summary"]["acc_after"] for r in arms[ref]) / len(arms[ref])
+        for arm, seeds in arms.items():
+            d = [r["summary"]["acc_after"] - r["summary"]["acc_before"] for r in seeds]
+            d_ref = [r["summary"]["acc_after"] - r["summary"]["acc_before"] for r in arms[ref]]
+            g = [r["summary"]["greedy_after"] - r["summary"]["greedy_before"] for r in seeds]
+            g_ref = [r["summary"]["greedy_after"] - r["summary"]["greedy_before"] for r in arms[ref]]
+            hit_r = [steps_to(s, final_reward) for s in smooth[arm]]
+            hit_a = [next((k for k in sorted(e) if e[k] >= final_acc), None) for e in evals[arm]]
+            eff_r = [(r0 / r1) if (r0 and r1) else None for r0, r1 in zip([steps_to(s, final_reward) for s in smooth[ref]], hit_r)]
+            eff_a = [(a0 / a1) if (a0 and a1) else None for a0, a1 in
+                     zip([next((k for k in sorted(e) if e[k] >= final_acc), None) for e in evals[ref]], hit_a)]
+            f1 = [r["summary"].get("eval_step_f1") for r in seeds]
+            auc = [r["summary"].get("eval_step_auroc") for r in seeds]
+            rows[arm] = {"seeds": len(seeds), "acc_before": ms([r["summary"]["acc_before"] for r in seeds]),
+                         "acc_after": ms([r["summary"]["acc_after"] for r in seeds]),
+                         "greedy_after": ms([r["summary"]["greedy_after"] for r in seeds]),
+                         "delta": ms(d), "greedy_delta": ms(g),
+                         "gain": ms([a - b for a, b in zip(d, d_ref)]), "greedy_gain": ms([a - b for a, b in zip(g, g_ref)]),
+                         "steps_reward": hit_r, "steps_acc": hit_a, "eff_reward": ms(eff_r), "eff_acc": ms(eff_a),
+                         "eval_step_f1": ms(f1), "eval_step_auroc": ms(auc),
+                         "steps": seeds[0]["summary"]["steps"]}
+        table[n] = {"ref_final_reward": final_reward, "ref_final_acc": final_acc, "arms": rows}
+    return table
+
+
+def sweep_markdown(table, ref, window):
+    def pm_(x, f="{:+.3f}"):
+        return "-" if x[0] is None else (f.format(x[0]) + " ± " + f.format(x[1]).lstrip("+") +
+                                         (f" (n={x[2]})" if x[2] and x[2] < 3 else ""))
+
+    def hits(xs, total):
+        return ", ".join(str(x) if x else f">{total}" for x in xs)
+    lines = [f"| steps per chain | arm | seeds | held-out sampled after (Δ) | Δ vs {ref} | greedy Δ | greedy Δ vs {ref} | "
+             f"steps to {ref}'s final training reward (per seed) | efficiency | steps to {ref}'s final held-out acc. | "
+             f"efficiency | PRM step F1 / AUROC (held-out) |", "|" + "---|" * 12]
+    for n, t in table.items():
+        for arm, r in t["arms"].items():
+            prm_ = (f"{r['eval_step_f1'][0]:.2f} / {r['eval_step_auroc'][0]:.2f}" if r["eval_step_f1"][0] is not None
+                    and r["eval_step_auroc"][0] is not None else "-")
+            lines.append(f"| {n} | {arm} | {r['seeds']} | {r['acc_after'][0]:.3f} ({pm_(r['delta'])}) | "
+                         f"{pm_(r['gain']) if arm != ref else '-'} | {pm_(r['greedy_delta'])} | "
+                         f"{pm_(r['greedy_gain']) if arm != ref else '-'} | {hits(r['steps_reward'], r['steps'])} | "
+                         f"{pm_(r['eff_reward'], '{:.2f}') + 'x' if arm != ref and r['eff_reward'][0] else '-'} | "
+                         f"{hits(r['steps_acc'], r['steps'])} | "
+                         f"{pm_(r['eff_acc'], '{:.2f}') + 'x' if arm != ref and r['eff_acc'][0] else '-'} | {prm_} |")
+    return "\n".join(lines)
+
+
+def sweep_plot(table, ref, path):
+    """Two panels against chain length: each arm's held-out gain over `ref` (sampled Δ minus ref's,
+    paired by seed) and its sample efficiency (ref's steps / the arm's to ref's final training
+    reward); error bars ±1 sd over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lengths = sorted(table)
+    arms = [a for a in next(iter(table.values()))["arms"] if a != ref]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, arm in enumerate(arms):
+        dx = (k - (len(arms) - 1) / 2) * 0.12 * (lengths[-1] - lengths[0] + 1) / max(1, len(lengths))
+        rows = [table[n]["arms"][arm] for n in lengths]
+        ax1.errorbar([n + dx for n in lengths], [r["gain"][0] for r in rows], yerr=[r["gain"][1] for r in rows],
+                     marker="o", capsize=4, label=arm)
+        eff = [(n + dx, r["eff_reward"]) for n, r in zip(lengths, rows) if r["eff_reward"][0] is not None]
+        if eff:
+            ax2.errorbar([x for x, _ in eff], [e[0] for _, e in eff], yerr=[e[1] for _, e in eff], marker="o",
+                         capsize=4, label=arm)
+    ax1.axhline(0, color="gray", lw=1, ls="--")
+    ax2.axhline(1, color="gray", lw=1, ls="--")
+    ax1.set(xlabel="steps per chain (response length)", ylabel=f"held-out sampled Δ minus {ref}'s Δ",
+            title=f"Held-out gain over {ref}", xticks=lengths)
+    ax2.set(xlabel="steps per chain (response length)", ylabel=f"{ref}'s steps / arm's steps",
+            title=f"Sample efficiency: steps to {ref}'s final training reward", xticks=lengths)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    n_seeds = min(r["seeds"] for t in table.values() for r in t["arms"].values())
+    fig.suptitle(f"Dense rewards against chain length ({n_seeds} seeds per point; error bars ±1 sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_main(argv, run):
+    """`python prime_mini.py sweep --lengths 4,8,16 --arms outcome,oracle,prime --seeds 3 [compare and
+    run flags]`: the SFT model of every length (chain_sft: a curriculum from 4 steps; SFT seed
+    --sft-seed), then one `compare` per length under --name/len<N>/ (finished runs reused,
+    interrupted ones resumed), then sweep.png, sweep.md and sweep.json in --name: each arm's gain
+    over --ref (held-out Δ and sample efficiency, paired by seed) against chain length."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="prime_mini.py sweep", description=sweep_main.__doc__, allow_abbrev=False)
+    ap.add_argument("--lengths", default="4,8,16", help="comma-separated steps per chain")
+    ap.add_argument("--arms", default="outcome,oracle,prime", help="arms, as for compare")
+    ap.add_argument("--seeds", type=int, default=3, help="RL seeds 0..N-1 for every arm and length")
+    ap.add_argument("--ref", default="outcome", help="the arm the others are measured against")
+    ap.add_argument("--name", default="sweep", help="folder under --out-dir")
+    ap.add_argument("--out-dir", default="runs", help="parent folder (also holds the cached SFT models)")
+    ap.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every this many steps")
+    ap.add_argument("--window", type=int, default=10, help="steps in the trailing mean of the training reward")
+    ap.add_argument("--sft-seed", type=int, default=0, help="SFT seed of every length's starting model")
+    ap.add_argument("--report-only", action="store_true", help="only redraw the figure and table from finished lengths")
+    args, common = ap.parse_known_args(argv)
+    lengths = sorted({int(x) for x in args.lengths.split(",")})
+    if not lengths or lengths[0] < 1:
+        raise ConfigError(f"--lengths: steps per chain must be >= 1, got {args.lengths}")
+    if args.ref not in [arm_flags(a)[0] for a in args.arms.split(",")]:
+        raise ConfigError(f"--ref: {args.ref!r} is not one of --arms {args.arms}")
+    folder = os.path.join(args.out_dir, args.name)
+    names = [arm_flags(a)[0] for a in args.arms.split(",")]
+    if not args.report_only:
+        models_ = chain_sft(lengths, args.sft_seed, common, args.out_dir)
+        for n in lengths:
+            print(f"\n##### chains of {n} steps #####")
+            compare_main(common + models_[n][0] + ["--sft-seed", str(args.sft_seed), "--arms", args.arms,
+                                                   "--seeds", str(args.seeds), "--ref", args.ref,
+                                                   "--name", f"{args.name}/len{n}", "--out-dir", args.out_dir,
+                                                   "--eval-every", str(args.eval_every), "--window", str(args.window)], run)
+    results = {}
+    for n in lengths:
+        sub = os.path.join(folder, f"len{n}")
+        done = all(os.path.exists(os.path.join(sub, f"{a}-s{s}", "summary.json")) for a in names for s in range(args.seeds))
+        if done:
+            results[n] = {a: sweep_runs(sub, a, args.seeds) for a in names}
+        else:
+            print(f"chains of {n} steps: not every run is finished; left out of the figure")
+    if not results:
+        raise ConfigError(f"sweep: no length in {folder} has all its runs finished")
+    table = sweep_table(results, args.ref, args.window)
+    md = sweep_markdown(table, args.ref, args.window)
+    sweep_plot(table, args.ref, os.path.join(folder, "sweep.png"))
+    open(os.path.join(folder, "sweep.md"), "w").write(md + "\n")
+    json.dump({"ref": args.ref, "window": args.window, "common_flags": common, "lengths": table},
+              open(os.path.join(folder, "sweep.json"), "w"), indent=1)
+    print("\n" + md + f"\n\nfigure and table in {folder}/ (sweep.png, sweep.md, sweep.json)")
+    return table

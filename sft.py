@@ -17,13 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from evaluation import evaluate
-from models import CHARS, build_char_tokenizer, build_tiny_model, save_tokenizer
+from models import CHARS, ConfigError, build_char_tokenizer, build_tiny_model, save_tokenizer
 from tasks import load_rows, prompt_text, resolve
 
 def sft_key(cfg):
     keys = ["tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "sft_steps", "sft_batch",
             "sft_lr", "sft_seed", "sft_target", "sft_check_every", "max_new_tokens"]
     blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True) + CHARS + "constant-lr"
+    if cfg.sft_init:  # the starting weights, by content (a folder's path says nothing about them)
+        blob += "init" + hashlib.sha256(open(os.path.join(cfg.sft_init, "model.safetensors"), "rb").read()).hexdigest()
     for path in (cfg.sft_data, cfg.sft_val_data) if cfg.sft_target else (cfg.sft_data,):
         blob += hashlib.sha256(open(resolve(path), "rb").read()).hexdigest()
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
@@ -50,6 +52,14 @@ def sft_warmup(cfg, device):
     rng = random.Random(cfg.sft_seed)
     tok = build_char_tokenizer()
     model = build_tiny_model(cfg, tok).to(device)
+    if cfg.sft_init:  # a curriculum: continue from a model that learned shorter chains
+        from safetensors.torch import load_file
+        missing, unexpected = model.load_state_dict(load_file(os.path.join(cfg.sft_init, "model.safetensors")), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the head is tied to the embeddings, not saved
+            raise ConfigError(f"--sft-init: {cfg.sft_init} does not fit the tiny model (missing {missing}, "
+                              f"unexpected {unexpected})")
+        model.tie_weights()
+        print(f"SFT warm-up starts from {cfg.sft_init}")
     n_params = sum(p.numel() for p in model.parameters())
     stop = (f"until greedy accuracy on {len(val_rows)} validation prompts reaches {cfg.sft_target:g} "
             f"(checked every {cfg.sft_check_every} steps), at most {cfg.sft_steps} steps" if cfg.sft_target
