@@ -173,15 +173,18 @@ def parse_code_tests(ground_truth):
 
 
 def code_score(results):
-    """1.0 if every test passed, else the fraction passed of the first 10 tests.
+    """1.0 if every test passed, else the fraction passed of the first 10 tests, below 1 when the
+    failures all come later (the first 10 pass, the 11th fails: 9/10), so a failing program never
+    gets the full reward.
 
     The reason is "correct", "partial" (some passed), or the first failure's kind.
     Example: code_score(["pass", "wrong", "pass", "timeout"]) -> (0.5, "partial")
+             code_score(["pass"] * 10 + ["wrong"]) -> (0.9, "partial")
     """
     if all(r == "pass" for r in results):
         return 1.0, "correct"
     first = results[:MAX_CODE_TESTS]
-    passed = sum(r == "pass" for r in first)
+    passed = min(sum(r == "pass" for r in first), len(first) - 1)  # a later failure costs one test's share
     if passed:
         return passed / len(first), "partial"
     return 0.0, next(r for r in results if r != "pass")

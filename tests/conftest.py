@@ -23,6 +23,19 @@ def pytest_terminal_summary(terminalreporter):
         f"; bubblewrap cannot run here: {problem.strip()}" if problem else ""))
 
 
+def need_bwrap():
+    """Skip a test that needs bubblewrap where it cannot run; under CI (CI set, as `.ci/run`
+    does) fail instead: there the bubblewrap tests must run, not be skipped."""
+    problem = sandbox.bwrap_problem()
+    if problem:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"bubblewrap cannot run here: {problem.strip()}")
+
+
+@pytest.fixture
+def bwrap_required():
+    need_bwrap()
+
+
 @pytest.fixture
 def code_mode():
     return CODE_MODE

@@ -15,18 +15,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
 
 import sandbox
+from conftest import need_bwrap
 import verifiers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_BWRAP = sandbox.bwrap_problem() is None
-MODES = [pytest.param("bwrap", marks=pytest.mark.skipif(not HAVE_BWRAP, reason="bubblewrap cannot run here")),
-         "rlimit"]
-BWRAP_ONLY = pytest.mark.skipif(not HAVE_BWRAP, reason="needs bubblewrap: unsafe or not isolated without it")
+MODES = ["bwrap", "rlimit"]  # a bwrap test skips where bubblewrap cannot run, and fails under CI (conftest)
+BWRAP_ONLY = pytest.mark.usefixtures("bwrap_required")  # unsafe or not isolated without it
 STDIN_TESTS = {"inputs": ["1 2\n", "3 4\n", "10 -10\n"], "outputs": ["3\n", "7\n", "0\n"]}
 CALL_TESTS = {"inputs": [[1, 2], [3, 4]], "outputs": [3, 7], "fn_name": "add"}
 ONE_TEST = {"inputs": ["1 2\n"], "outputs": ["3\n"]}  # hostile programs: one test keeps the suite fast
@@ -60,6 +60,8 @@ def temp_dirs():
 def run_checked(program, tests, mode, test_timeout=TEST_TIMEOUT):
     """Score `program` and check the sandbox's promises: done within its time limit, no process
     and no temporary folder left behind, the test process untouched."""
+    if mode == "bwrap":
+        need_bwrap()
     before, ppid = temp_dirs(), os.getppid()
     t = time.monotonic()
     score = verifiers.code_reward("```python\n" + program + "\n```", tests, limits(mode, test_timeout))
@@ -139,8 +141,6 @@ def test_shipped_problems_are_about_twenty_of_both_kinds():
     ("import os\nos._exit(0)\ndef add(a, b):\n    return a + b", CALL_TESTS, {"runtime_error"}),
     ("import sys\nsys.exit(0)", ONE_TEST, {"wrong"}),
     ("import os\nprint(os.environ.get('PRIME_TEST_SECRET', 'none'))", {"inputs": [""], "outputs": ["s3cret"]}, {"wrong"}),
-    ("import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(0.2)\nprint(3)",
-     {"inputs": ["1 2\n"], "outputs": ["3\n"]}, {"runtime_error", "sandbox_error"}),
     ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\nprint(3)",  # a detached orphan
      {"inputs": ["1 2\n"], "outputs": ["4\n"]}, {"wrong", "timeout"}),  # the orphan holds stdout open
     ("with open('big', 'wb') as f:\n    f.write(b'0' * (64 << 20))\nprint(3)", {"inputs": ["1 2\n"], "outputs": ["3\n"]},
@@ -150,6 +150,16 @@ def test_hostile_program_scores_zero_and_leaves_nothing(mode, program, tests, re
     monkeypatch.setenv("PRIME_TEST_SECRET", "s3cret")
     score, reason = run_checked(program, tests, mode)
     assert score == 0.0 and reason in reasons, (score, reason)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_program_that_kills_its_runner_leaves_nothing(mode):
+    # bwrap, as root: the program's uid may not signal the runner (runtime_error); an ordinary
+    # user's runner dies (sandbox_error). rlimit: the runner is PID 1 of its namespace, where the
+    # signal does not reach it, so the program goes on and is scored as usual.
+    program = "import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\ntime.sleep(0.2)\nprint(3)"
+    score, reason = run_checked(program, {"inputs": ["1 2\n"], "outputs": ["3\n"]}, mode)
+    assert reason in {"runtime_error", "sandbox_error", "correct"}, (score, reason)
 
 
 @BWRAP_ONLY
@@ -235,12 +245,175 @@ def test_many_samples_in_parallel_each_get_their_own_score(code_mode):
 
 
 # ---------------------------------------------------------------------------------------------
+# One memory budget per sample, read-only memory-backed mounts, no orphan: as root and as nobody.
+# ---------------------------------------------------------------------------------------------
+# Six children each touch 200 MB (1.2 GB in all, memory_mb=256); the parent prints the answer if all live.
+FORK_HOG = """import os, time
+n, kids = 0, []
+for _ in range(6):
+    r, w = os.pipe()
+    kids.append(os.fork())
+    if kids[-1] == 0:
+        os.close(1), os.close(2)  # the parent's output ends when the parent ends
+        x = bytearray(200 << 20)
+        x[::4096] = b"x" * len(range(0, len(x), 4096))  # touch every page
+        os.write(w, b"k")
+        time.sleep(30)
+        os._exit(0)
+    os.close(w)
+    n += len(os.read(r, 1))
+alive = sum(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in kids)  # all six at once, or it does not count
+print(3 if n == alive == 6 else n)"""
+# 130 MB into each memory-backed folder a program might see (8 MB files: RLIMIT_FSIZE is 16 MiB).
+FILL_FOLDERS = """import os
+total = 0
+for d in ["/", "/dev", "/dev/shm", "/runner", "/tmp", "."]:
+    for i in range(16):
+        try:
+            with open(os.path.join(d, f"fill{i}"), "wb") as f:
+                f.write(b"x" * (8 << 20))
+            total += 8
+        except OSError:
+            break
+print(3 if total >= 600 else total)"""
+# The child leaves the runner's session, the parent kills the runner: the child must die anyway.
+ORPHAN = """import os, signal, time
+if os.fork() == 0:
+    os.setsid()
+    time.sleep(100)
+    os._exit(0)
+os.kill(os.getppid(), signal.SIGKILL)
+time.sleep(0.5)
+print(3)"""
+NOBODY = 65534  # the unprivileged user the hostile programs run as, besides root
+SLACK_MB = 400  # MemAvailable is the whole machine's: other processes move it too (seen: up to ~200 MiB here)
+
+
+def unprivileged_python():
+    """A Python 3.11+ that uid 65534 may start (the test's own, else the system's), or None."""
+    for python in (sys.executable, getattr(sys, "_base_executable", ""), "/usr/bin/python3"):
+        if python and sandbox._world_traversable(python) and subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python,
+                                      "-I", "-S", "-c", "import sys; assert sys.version_info >= (3, 11)"],
+                                     capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def least_available_mb(stop, out):
+    """Sample MemAvailable until `stop` is set; the smallest value (MiB) goes into out[0]."""
+    while True:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) >> 10
+        out[0] = min(out[0], avail)
+        if stop.wait(0.005):
+            return
+
+
+def score_as(user, program, mode, cgroup=True):
+    """Run `program` on ONE_TEST as `user` ("root", or "nobody": a subprocess as uid 65534 with
+    sandbox.py copied to a folder it can read). Returns (result, how memory is bounded, the bound
+    in MiB, the most memory the machine lost meanwhile in MiB)."""
+    lim = limits(mode, HONEST_TIMEOUT)  # time enough to pass, were the limits not there
+    if user == "root":
+        if not cgroup:  # the path of a machine where the trainer may make no cgroup
+            sandbox._CGROUP["plan"] = []
+        call = lambda: (sandbox.run_tests(program, ONE_TEST, lim), sandbox.memory_path(), sandbox.memory_bound_mb(lim))
+    else:
+        python = unprivileged_python()
+        if python is None:
+            (pytest.fail if os.environ.get("CI") else pytest.skip)("no Python that uid 65534 may run")
+        code = ("import json, sys\nsys.path.insert(0, '.')\nimport sandbox\n"
+                f"lim = sandbox.Limits(**{sandbox.asdict(lim)!r})\n"
+                f"print(json.dumps([sandbox.run_tests({program!r}, {ONE_TEST!r}, lim), sandbox.memory_path(), "
+                "sandbox.memory_bound_mb(lim)]))")
+        def call():
+            with tempfile.TemporaryDirectory(prefix="prime_nobody_") as tmp:
+                os.chmod(tmp, 0o755)
+                shutil.copy(os.path.join(sandbox.HERE, "sandbox.py"), tmp)
+                out = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                                      python, "-I", "-S", "-c", code], cwd=tmp, capture_output=True, text=True,
+                                     timeout=60, env={"PATH": os.environ["PATH"]})
+                assert out.returncode == 0, out.stderr
+                return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+    with open("/proc/meminfo") as f:
+        before = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) >> 10
+    stop, least = threading.Event(), [before]
+    watcher = threading.Thread(target=least_available_mb, args=(stop, least))
+    watcher.start()
+    try:
+        result, path, bound = call()
+    finally:
+        stop.set()
+        watcher.join()
+    return result, path, bound, before - least[0]
+
+
+def no_program_left(program):
+    """No process is left that runs a solution (its command line names solution.py)."""
+    time.sleep(0.2)  # SIGKILLed processes may take a moment to leave /proc; a leftover sleeps 100 s
+    return [p for p in stray_processes() if b"solution.py" in p[1]]
+
+
+USERS = [("root", True), ("root", False), ("nobody", True)]  # (user, may make a cgroup)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("user, cgroup", USERS, ids=["root", "root-no-cgroup", "nobody"])
+def test_forked_children_share_one_memory_budget(mode, user, cgroup, monkeypatch):
+    if mode == "bwrap":
+        need_bwrap()
+    monkeypatch.setattr(sandbox, "_CGROUP", {})
+    result, path, bound, used = score_as(user, FORK_HOG, mode, cgroup)
+    if user == "root" and mode == "rlimit" and not cgroup and not sandbox._world_traversable(sys.executable):
+        assert "would run as root" in result.get("detail", ""), result  # refused: nothing would bound it
+        return
+    assert "results" in result, f"{user}: the sandbox did not run ({result})"
+    assert verifiers.code_score(result["results"])[0] == 0.0, f"{user}: six children of 200 MB scored {result} ({path})"
+    assert used <= bound + SLACK_MB, f"{user}, {path}: the machine lost {used} MiB, the bound is {bound} MiB"
+    assert not no_program_left(FORK_HOG), stray_processes()
+
+
+@BWRAP_ONLY
+@pytest.mark.parametrize("user, cgroup", USERS, ids=["root", "root-no-cgroup", "nobody"])
+def test_memory_backed_folders_are_read_only_or_size_limited(user, cgroup, monkeypatch):
+    monkeypatch.setattr(sandbox, "_CGROUP", {})
+    result, path, bound, used = score_as(user, FILL_FOLDERS, "bwrap", cgroup)
+    assert result in ({"results": ["wrong"]}, {"results": ["runtime_error"]}), f"{user}: {result} ({path})"
+    assert used <= bound + SLACK_MB, f"{user}, {path}: the machine lost {used} MiB, the bound is {bound} MiB"
+    # what it managed to write: /tmp and the working directory only, tmpfs_mb (64) each at most
+    report = FILL_FOLDERS.replace("print(3 if total >= 600 else total)", "print(3 if total <= 2 * 64 else total)")
+    got = score_as(user, report, "bwrap", cgroup)[0]
+    assert got == {"results": ["pass"]}, f"{user}: more than 2 x 64 MB written ({got}, {path})"
+
+
+@pytest.mark.parametrize("user, cgroup", USERS, ids=["root", "root-no-cgroup", "nobody"])
+def test_detached_child_of_a_program_that_kills_its_runner_dies_with_the_sample(user, cgroup, monkeypatch):
+    monkeypatch.setattr(sandbox, "_CGROUP", {})
+    result, path, _, _ = score_as(user, ORPHAN, "rlimit", cgroup)
+    assert not no_program_left(ORPHAN), f"{user} ({path}): the detached child outlived its sample"
+
+
+def test_sample_uid_comes_from_the_os_not_from_the_seeded_random():
+    import random
+    random.seed(1234)
+    first = [sandbox.sample_uid() for _ in range(4)]
+    random.seed(1234)
+    second = [sandbox.sample_uid() for _ in range(4)]
+    assert first != second, "two trainers with the same seed drew the same uids"
+    random.seed(1234)
+    sandbox.sample_uid()
+    assert random.random() == random.Random(1234).random(), "the draw consumed the global random's state"
+    assert all(sandbox.UID_RANGE[0] <= u < sandbox.UID_RANGE[1] for u in first + second)
+
+
+# ---------------------------------------------------------------------------------------------
 # Where Python lives, and a bubblewrap that cannot run.
 # ---------------------------------------------------------------------------------------------
 # Can bubblewrap run here at all, whatever the Python? (the sandbox, running /usr/bin/true)
 BWRAP_ITSELF_RUNS = bool(shutil.which("bwrap")) and subprocess.run(
     sandbox.bwrap_argv(limits("bwrap"), ["/usr/bin/true"]), capture_output=True).returncode == 0
-NO_BWRAP_AT_ALL = pytest.mark.skipif(not BWRAP_ITSELF_RUNS, reason="bubblewrap itself cannot run here")
+NO_BWRAP_AT_ALL = pytest.mark.skipif(not BWRAP_ITSELF_RUNS and not os.environ.get("CI"),  # CI: fail, not skip
+                                     reason="bubblewrap itself cannot run here")
 # The bwrap tests of this file, hostile programs all, to run again through another Python.
 BWRAP_TESTS = "((hostile and bwrap) or outside or network or secrets or kill_everything or fork_bomb) and not venv"
 

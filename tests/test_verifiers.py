@@ -134,6 +134,8 @@ def test_extract_program_takes_the_last_python_block(response, program):
     (["timeout", "wrong"], (0.0, "timeout")),
     (["pass"] * 5 + ["wrong"] * 15, (0.5, "partial")),  # only the first 10 count
     (["wrong"] + ["pass"] * 19, (0.9, "partial")),
+    (["pass"] * 10 + ["wrong"], (0.9, "partial")),  # a failure after the first 10 still costs: never 1.0
+    (["pass"] * 12 + ["timeout"] * 3, (0.9, "partial")),
 ])
 def test_code_score_is_all_or_fraction_of_first_ten(results, expect):
     assert verifiers.code_score(results) == pytest.approx(expect), results
