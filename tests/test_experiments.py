@@ -126,6 +126,26 @@ def test_compare_stops_on_a_finished_run_made_with_other_flags_before_running_an
         ex.compare_main(["--arms", "prime", "--seed", "1", "--out-dir", str(tmp_path), "--name", "c"], pm.run)
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--arms", "prime,prime"], "--arms: prime given twice; name each arm once"),  # the spread of one arm counted twice
+    (["--arms", "prime,outcome,x:beta=0.1,x:beta=0.2"], "--arms: x given twice"),
+    (["--arms", "a/b:beta=0.1"], "--arms: arm name 'a/b' must be letters, digits and _ . + - only"),
+    (["--arms", ":beta=0.1"], "--arms: arm name '' must be"),
+    (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
+    (["--seeds", "-2"], "--seeds: must be >= 1, got -2"),
+    (["--window", "0"], "--window: must be >= 1, got 0"),  # a ZeroDivisionError after every run had finished
+    (["--window", "-1"], "--window: must be >= 1, got -1"),
+    (["--eval-every", "-5"], "--eval-every: must be >= 0, got -5"),
+])
+def test_compare_refuses_bad_arguments_before_running_anything(tmp_path, argv, needle):
+    def no_run(cfg):
+        raise AssertionError("compare ran an arm")
+    with pytest.raises(models.ConfigError) as e:
+        ex.compare_main(argv + ["--out-dir", str(tmp_path), "--name", "c"], no_run)
+    assert needle in str(e.value)
+    assert not (tmp_path / "c").exists(), "no folder was made"
+
+
 def test_prompt_stream_state_round_trips_mid_epoch():
     a = pm.PromptStream(7, seed=3)
     first = [a.next() for _ in range(10)]
