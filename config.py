@@ -12,11 +12,14 @@ It must not touch: model weights (the planner reads an architecture's config onl
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import sys
 import warnings
 from dataclasses import dataclass
+
+import torch
 
 import models
 from checkpoints import latest_checkpoint
@@ -263,8 +266,15 @@ def saved_config(run_dir, flag, strict=True):
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{flag}{path} not found: not a run directory")
-    saved = json.load(open(path))
-    names = [f.name for f in dataclasses.fields(Config)]
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError as e:  # cut short, edited into invalid JSON, or not UTF-8
+        raise ConfigError(f"{flag}{path} is not a readable JSON file ({str(e).splitlines()[0]}); restore it, or start a new run") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{flag}{path} must hold a JSON object of settings, not a {type(saved).__name__}")
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    names = list(fields)
     missing = [n for n in names if n not in saved]
     unknown = [k for k in saved if k not in names and k not in RECORD_KEYS]
     problems = []
@@ -277,7 +287,26 @@ def saved_config(run_dir, flag, strict=True):
         if strict:
             raise ConfigError(msg + "; add or remove those keys by hand with the values the run used, or start a new run")
         warnings.warn(msg, RuntimeWarning)
-    return Config(**{n: saved[n] for n in names if n in saved}), saved
+    # The types as strictly as the flags' parser: a "P": 2.5 or "beta": "0.05" would run and fail mid-run.
+    wrong = [f"{k} must be {TYPE_NAMES[typ]}, got {saved[k]!r}"
+             for k, typ in [*fields.items(), *((k, str) for k in RECORD_KEYS)]
+             if k in saved and not has_type(saved[k], typ)]
+    if wrong:
+        raise ConfigError(f"{flag}{path}: {'; '.join(wrong)}")
+    return Config(**{n: float(saved[n]) if fields[n] is float else saved[n] for n in names if n in saved}), saved
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def has_type(value, typ):
+    """Whether a JSON value fits a Config field of type `typ`: JSON's true and false are not
+    numbers here, and an integer is also a float (json writes 2.0 as 2.0, a hand edit may write 2)."""
+    if isinstance(value, bool) or typ is bool:
+        return isinstance(value, bool) and typ is bool
+    if typ is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, typ)
 
 
 def resumed_config(cfg, explicit):
@@ -288,6 +317,10 @@ def resumed_config(cfg, explicit):
                           f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FIELDS[1:])} may be given, "
                           f"not --{other[0].replace('_', '-')}")
     new, _ = saved_config(cfg.resume, "--resume: ")
+    try:  # the saved settings, before the overrides (whose own errors name their flags)
+        validate(dataclasses.replace(new, resume=""))
+    except ConfigError as e:
+        raise ConfigError(f"--resume: {os.path.join(cfg.resume, 'config.json')}: {e}") from None
     for k in RESUME_FIELDS:
         if k in explicit or k == "resume":
             setattr(new, k, getattr(cfg, k))
@@ -312,39 +345,71 @@ def print_memory_plan(cfg):
     return total
 
 
+# The allowed ranges of the numeric fields, checked by validate() for flags and config.json alike.
+AT_LEAST_1 = ("steps", "P", "max_new_tokens", "micro_batch", "verify_workers", "prm_minibatches", "policy_minibatches",
+              "sft_steps", "sft_batch", "sft_check_every", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r",
+              "max_prompt_len", "logprob_chunk", "tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate")
+AT_LEAST_0 = ("threads", "gen_batch", "prm_warmup", "eval_n", "eval_every", "reward_pages", "truth_prompts", "save_every")
+POSITIVE = ("temperature", "beta", "sft_lr", "lr_prm", "lr_policy", "prm_grad_clip", "policy_grad_clip",
+            "gpu_memory_gb", "lora_alpha_ratio")
+NON_NEGATIVE = ("process_coef", "wd_policy")
+UNIT_RANGE = ("filter_low", "filter_high", "sft_target", "prm_gate", "gamma_process", "gamma_outcome")  # [0, 1]
+SEEDS = ("seed", "sft_seed", "eval_seed")
+SEED_LIMIT = 2 ** 63  # torch.manual_seed takes seeds below 2**64; a seed is also written into folder names
+
+
 def validate(cfg):
     """Stop at once, before any model is built, on settings that cannot work."""
     def bad(flag, msg):
         raise ConfigError(f"--{flag.replace('_', '-')}: {msg}")
+    for f in dataclasses.fields(Config):  # nan and inf pass every comparison below, or fail it by luck
+        value = getattr(cfg, f.name)
+        if f.type is float and not math.isfinite(value):
+            bad(f.name, f"must be a finite number, got {value}")
     if cfg.K < 2:
         bad("K", f"must be >= 2 for a leave-one-out baseline, got {cfg.K}")
-    for name in ("filter_low", "filter_high"):
+    for name in UNIT_RANGE:
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             bad(name, f"must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.filter_low > cfg.filter_high:
         bad("filter_low", f"{cfg.filter_low} is above --filter-high {cfg.filter_high}")
-    for name in ("steps", "P", "max_new_tokens", "micro_batch", "verify_workers", "prm_minibatches",
-                 "policy_minibatches", "sft_batch", "sft_check_every", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r",
-                 "max_prompt_len", "logprob_chunk"):
+    for name in AT_LEAST_1:
         if getattr(cfg, name) < 1:
             bad(name, f"must be >= 1, got {getattr(cfg, name)}")
-    if cfg.steps and cfg.temperature <= 0:
-        bad("temperature", f"must be > 0 for sampling, got {cfg.temperature}")
+    for name in AT_LEAST_0:
+        if getattr(cfg, name) < 0:
+            bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+    for name in POSITIVE:
+        if getattr(cfg, name) <= 0:
+            bad(name, f"must be > 0, got {getattr(cfg, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+    for name in SEEDS:
+        if not 0 <= getattr(cfg, name) < SEED_LIMIT:
+            bad(name, f"must be in [0, 2**63), got {getattr(cfg, name)}")
+    if not 0.0 < cfg.eps_clip < 1.0:
+        bad("eps_clip", f"must be in (0, 1): the ratio is clipped to [1 - eps, 1 + eps], got {cfg.eps_clip}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    for rank in ("lora_r", "prm_lora_r"):  # models.add_adapters gives each adapter alpha = int(ratio * rank)
+        alpha = cfg.lora_alpha_ratio * getattr(cfg, rank)
+        if alpha < 1 or alpha != int(alpha):
+            bad("lora_alpha_ratio", f"alpha = ratio × rank must be a whole number >= 1 for both adapters; "
+                f"{cfg.lora_alpha_ratio:g} × --{rank.replace('_', '-')} {getattr(cfg, rank)} = {alpha:g} "
+                f"(the adapter would get alpha {int(alpha)}{': it would do nothing' if int(alpha) == 0 else ''})")
+    if not cfg.model and (cfg.tiny_hidden % cfg.tiny_heads or cfg.tiny_hidden // cfg.tiny_heads % 2):
+        bad("tiny_hidden", f"must be --tiny-heads ({cfg.tiny_heads}) times an even head size (rotary "
+            f"embeddings rotate pairs), got {cfg.tiny_hidden}")
+    check_lora_targets(cfg)
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    if not 0.0 <= cfg.sft_target <= 1.0:
-        bad("sft_target", f"must be in [0, 1] (0 = no stopping rule), got {cfg.sft_target}")
     if cfg.process_credit == "min" and cfg.adv_estimator != "rloo":
         bad("process_credit", f"min-form credit is implemented for --adv-estimator rloo, not {cfg.adv_estimator}")
-    if cfg.truth_prompts < 0:
-        bad("truth_prompts", f"must be >= 0, got {cfg.truth_prompts}")
-    if cfg.gen_batch < 0:
-        bad("gen_batch", f"must be >= 0, got {cfg.gen_batch}")
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.gpu_memory_gb <= 0:
-        bad("gpu_memory_gb", f"must be > 0, got {cfg.gpu_memory_gb}")
+    for name in ("data", "test_data", "sft_data", "sft_val_data"):
+        if not all(p.strip() for p in getattr(cfg, name).split(",")):
+            bad(name, f"an empty file name in {getattr(cfg, name)!r}")
     if cfg.model:
         models.check_model_source(cfg.model)
     if cfg.load_in_4bit and not models.bitsandbytes_available():
@@ -355,6 +420,8 @@ def validate(cfg):
         check_sft_init(cfg)
     if cfg.plan_memory:
         return  # the planner reads no data
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        bad("device", "cuda: no CUDA device is available here (use --device auto or cpu)")
     sft_files = [] if cfg.model else [cfg.sft_data] + ([cfg.sft_val_data] if cfg.sft_target else [])
     for path in cfg.data.split(",") + [cfg.test_data] + sft_files:
         if is_local_data(path) and not os.path.exists(resolve(path)):
@@ -382,6 +449,26 @@ def check_sft_init(cfg):
         if saved.get(key) != value:
             raise ConfigError(f"--sft-init: {cfg.sft_init} has {key} = {saved.get(key)}, this run's tiny model {value} "
                               "(set the --tiny-* flags as the model it starts from)")
+
+
+def check_lora_targets(cfg):
+    """--lora-targets: all-linear or comma-separated module names; for the tiny default, names of
+    its linear layers (peft would refuse others only after the SFT warm-up)."""
+    if cfg.lora_targets == "all-linear":
+        return
+    names = cfg.lora_targets.split(",")
+    if not all(re.fullmatch(r"[A-Za-z_][\w.]*", n) for n in names):
+        raise ConfigError(f"--lora-targets: all-linear, or module names separated by commas (such as q_proj,v_proj), "
+                          f"got {cfg.lora_targets!r}")
+    if cfg.model:
+        return  # another architecture: its module names are known once it is loaded
+    with torch.device("meta"):  # shapes only, no memory
+        tiny = build_tiny_model(cfg, build_char_tokenizer())
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in tiny.named_modules() if isinstance(m, torch.nn.Linear)})
+    unknown = [n for n in names if n not in linear]
+    if unknown:
+        raise ConfigError(f"--lora-targets: the tiny default has no linear layer named {', '.join(unknown)} "
+                          f"(it has {', '.join(linear)})")
 
 
 def check_prm_init(cfg):

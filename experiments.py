@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 import warnings
 
@@ -336,12 +337,21 @@ def compare_main(argv, run):
     ap.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every this many steps")
     ap.add_argument("--window", type=int, default=10, help="steps in the trailing mean of the training reward")
     args, common = ap.parse_known_args(argv)
+    for flag, value in (("seeds", args.seeds), ("window", args.window)):
+        if value < 1:
+            raise ConfigError(f"--{flag}: must be >= 1, got {value}")
     taken = explicit_fields(common) & {"seed", "run_name", "resume"}
     if taken:
         raise ConfigError(f"compare sets {', '.join('--' + f.replace('_', '-') for f in sorted(taken))} for "
                              "each run itself (seeds 0..--seeds-1, folders under --name): leave it out")
     arms = [arm_flags(a) for a in args.arms.split(",")]
     names = [a[0] for a in arms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # one folder per arm and seed: the second would reuse the first's runs, counted twice
+        raise ConfigError(f"--arms: {', '.join(twice)} given twice; name each arm once (NAME:flag=value for variants)")
+    odd = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n) or n in (".", "..")]
+    if odd:  # an arm's name is a folder name
+        raise ConfigError(f"--arms: arm name {odd[0]!r} must be letters, digits and _ . + - only")
     ref = args.ref or ("outcome" if "outcome" in names else names[0])
     if ref not in names:
         raise ConfigError(f"--ref: {ref!r} is not one of the arms ({', '.join(names)})")

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -206,12 +207,105 @@ def gguf_cache_folder(path):
     return os.path.join(cache_dir(), "gguf", f"{os.path.basename(path)[:-5]}-{key}")
 
 
+def check_gguf_header(path):
+    """Walk a GGUF file's header (version, counts, keys and values, tensor records) and stop with a
+    ConfigError naming the file where a length or count does not fit in the bytes that are left.
+
+    gguf's reader trusts the header: a count past the end of a truncated file raised an
+    IndexError, and an array that claims 2**60 numbers grew a list until memory ran out. Here
+    nothing is allocated by what the header claims: every claim is checked against the file size.
+    """
+    import mmap
+    import struct
+    import gguf
+    import numpy as np
+    V = gguf.GGUFValueType
+    size = os.path.getsize(path)
+
+    def bad(msg):
+        raise ConfigError(f"--model: {path} is not a readable GGUF file: {msg}")
+    if size < 24:
+        bad(f"{size} bytes, shorter than a GGUF header (24)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            bad(f"it does not begin with the bytes GGUF (it begins with {data[:4]!r})")
+        order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"  # gguf's reader's byte-order test
+        pos = 4
+
+        def take(n, what):  # the offset of the next n bytes, which must be in the file
+            nonlocal pos
+            if n > size - pos:
+                bad(f"{what} at byte {pos} needs {n} bytes, {size - pos} are left")
+            pos += n
+            return pos - n
+
+        def numbers(fmt, n, what):
+            return struct.unpack_from(f"{order}{n}{fmt}", data, take(n * struct.calcsize(fmt), what))
+
+        def number(fmt, what):
+            return numbers(fmt, 1, what)[0]
+
+        def string(what):
+            n = number("Q", f"the length of {what}")
+            return bytes(data[take(n, what):pos]).decode("utf-8", "replace")
+
+        def skip_value(vtype, key):
+            try:
+                t = V(vtype)
+            except ValueError:
+                bad(f"{key!r} has an unknown value type {vtype}")
+            if t == V.STRING:
+                take(number("Q", f"the length of {key!r}"), f"the value of {key!r}")
+            elif t == V.ARRAY:
+                itype, n = number("I", f"the item type of {key!r}"), number("Q", f"the length of {key!r}")
+                scalar = gguf.GGUFReader.gguf_scalar_to_np.get(itype)
+                least = np.dtype(scalar).itemsize if scalar else 8 if itype == V.STRING else 12  # bytes an item needs
+                if n * least > size - pos:  # before any loop over the items
+                    bad(f"{key!r} claims {n} items, more than the {size - pos} bytes left can hold")
+                if scalar:
+                    take(n * least, f"the items of {key!r}")
+                else:
+                    for _ in range(n):
+                        skip_value(itype, key)
+            else:
+                take(np.dtype(gguf.GGUFReader.gguf_scalar_to_np[t]).itemsize, f"the value of {key!r}")
+
+        version = number("I", "the version")
+        if version not in gguf.READER_SUPPORTED_VERSIONS:
+            bad(f"version {version}; the gguf package reads versions {gguf.READER_SUPPORTED_VERSIONS}")
+        n_tensors, n_keys = numbers("Q", 2, "the tensor and key counts")
+        if n_keys * 13 + n_tensors * 24 > size - pos:  # the smallest key-value pair and tensor record
+            bad(f"it claims {n_keys} keys and {n_tensors} tensors, more than its {size} bytes can hold")
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        for _ in range(n_keys):
+            key = string("a key")
+            vtype = number("I", f"the type of {key!r}")
+            if key == "general.alignment" and vtype == V.UINT32:
+                alignment = number("I", "the alignment") or 1  # 0 is refused by gguf's reader below
+            else:
+                skip_value(vtype, key)
+        tensors = []
+        for _ in range(n_tensors):
+            name = string("a tensor name")
+            dims = numbers("Q", number("I", f"the number of dimensions of {name!r}"), f"the dimensions of {name!r}")
+            ggml_type, offset = number("I", f"the type of {name!r}"), number("Q", f"the offset of {name!r}")
+            if ggml_type not in gguf.GGML_QUANT_SIZES:
+                bad(f"tensor {name!r} has an unknown type {ggml_type}")
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+            tensors.append((name, offset + math.prod(dims) * type_size // block))
+        start = -(-pos // alignment) * alignment  # the tensor data begins at the next aligned byte
+        for name, end in tensors:
+            if start + end > size:
+                bad(f"tensor {name!r} ends at byte {start + end}, past the end of the file ({size} bytes)")
+
+
 @functools.lru_cache(maxsize=4)  # read once a run: validate() checks the file, convert_gguf() again
 def gguf_metadata(path):
     """transformers' reading of a GGUF file's metadata (config and tokenizer, no tensors); a
     ConfigError naming the file when the gguf package is missing or transformers cannot read it."""
     if not gguf_available():
         raise ConfigError(f"--model: {path} is a GGUF file, which needs the gguf package: {GGUF_INSTALL}")
+    check_gguf_header(path)  # gguf's reader trusts the header's counts
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
     try:
         return load_gguf_checkpoint(path, return_tensors=False)

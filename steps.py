@@ -21,7 +21,8 @@ For one response `label_steps(prompt, response)` gives
         "empty"        the response is empty (or only whitespace)
         "junk"         text that is neither a step `a±b=c;` nor the final `\\boxed{N}`: a `;`-ended
                        piece that does not parse (it still counts as a step, wrong and not
-                       following), or text after the last `;` that is not a box
+                       following; a number of more than 640 digits does not parse), or text
+                       after the last `;` that is not a box
         "missing_box"  no `\\boxed{N}` (N an integer) after the last step
         "step_count"   a number of steps other than the prompt's number of operations (a
                        skipped, merged or extra step, or a response cut short)
@@ -41,10 +42,14 @@ from typing import Optional
 
 ERRORS = ("empty", "junk", "missing_box", "step_count", "wrong_box")
 
-_PROMPT = re.compile(r"(\d+)((?:[+-]\d+)+)=")  # "47+8-3+9-6="
+# A number is at most 640 digits: int() refuses longer digit strings under the lowest limit Python
+# can be set to (sys.set_int_max_str_digits; its default is 4300), and the task's numbers have 1-3.
+# A longer number in a response makes its piece junk (or its box missing), not a crash.
+_N = r"\d{1,640}"
+_PROMPT = re.compile(rf"({_N})((?:[+-]{_N})+)=")  # "47+8-3+9-6="
 _OPERATION = re.compile(r"([+-])(\d+)")  # one "+8" or "-3" of a prompt
-_STEP = re.compile(r"(-?\d+)([+-])(\d+)=(-?\d+);")  # a model may write a negative a or c
-_BOX = re.compile(r"\s*\\boxed\{(-?\d+)\}\s*")  # the whole text after the last ';'
+_STEP = re.compile(rf"(-?{_N})([+-])({_N})=(-?{_N});")  # a model may write a negative a or c
+_BOX = re.compile(rf"\s*\\boxed\{{(-?{_N})\}}\s*")  # the whole text after the last ';'
 _PIECE = re.compile(r"[^;]*;")  # a step candidate: everything up to and including the next ';'
 
 
@@ -81,9 +86,11 @@ def parse_prompt(prompt):
     """The start number and the operations of a task prompt.
 
     Example: parse_prompt("47+8-3+9-6=") -> (47, [("+", 8), ("-", 3), ("+", 9), ("-", 6)])
+    A ValueError names any other text (tasks.check_row refuses such rows when they are loaded).
     """
-    m = _PROMPT.fullmatch(prompt.strip())
-    assert m is not None, f"not a prompt of the arithmetic task (like '47+8-3='): {prompt!r}"
+    m = _PROMPT.fullmatch(prompt.strip()) if isinstance(prompt, str) else None
+    if m is None:
+        raise ValueError(f"not a prompt of the arithmetic task (like '47+8-3='): {prompt!r:.80}")
     return int(m.group(1)), [(op, int(b)) for op, b in _OPERATION.findall(m.group(2))]
 
 

@@ -39,20 +39,44 @@ def is_local_data(path):
 
 
 def check_row(r, where, need_response=False):
-    """Stop at the first row that does not follow the schema, naming where it is."""
+    """Stop at the first row that does not follow the schema, naming where it is and the field:
+    a value of the wrong type would otherwise pass here and fail mid-run (after the SFT warm-up)."""
     if not isinstance(r, dict):
         raise ConfigError(f"{where}: a row must be a JSON object")
     msgs = r.get("prompt")
     if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "content" in m for m in msgs)):
         raise ConfigError(f"{where}: 'prompt' must be a list of chat messages with 'content'")
+    for i, m in enumerate(msgs):
+        if not isinstance(m["content"], str):
+            raise ConfigError(f"{where}: prompt[{i}].content must be a string, got {m['content']!r:.80}")
+        if not isinstance(m.get("role", "user"), str):
+            raise ConfigError(f"{where}: prompt[{i}].role must be a string, got {m['role']!r:.80}")
     if not isinstance(r.get("reward_model"), dict) or "ground_truth" not in r["reward_model"]:
         raise ConfigError(f"{where}: missing 'reward_model.ground_truth'")
     if r.get("ability") not in ("math", "code"):
         raise ConfigError(f"{where}: 'ability' must be 'math' or 'code' (got {r.get('ability')!r})")
+    for key in ("data_source", "extra_info"):  # names a sample in warnings; picks the embedded task
+        if r.get(key) is not None and not isinstance(r[key], (str if key == "data_source" else dict)):
+            raise ConfigError(f"{where}: '{key}' must be {'a string' if key == 'data_source' else 'an object'}, "
+                              f"got {r[key]!r:.80}")
+    gt = r["reward_model"]["ground_truth"]
+    if r["ability"] == "math" and (isinstance(gt, bool) or not isinstance(gt, (str, int, float)) or not str(gt).strip()):
+        raise ConfigError(f"{where}: a math row's 'reward_model.ground_truth' must be the answer as a string "
+                          f"(or a number), got {gt!r:.80}")
     try:  # code ground truth is a JSON string of test cases: check it now, not mid-run
         verifiers.check_sample(r)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
+    if r.get("data_source") == STEP_TASK:  # its steps are checked by steps.py: the prompt must be a chain
+        try:
+            start, operations = steps.parse_prompt(msgs[-1]["content"])
+        except ValueError as e:
+            raise ConfigError(f"{where}: a '{STEP_TASK}' row's last prompt message must be a chain such as "
+                              f"'47+8-3=' ({e})") from None
+        total = start + sum(b if op == "+" else -b for op, b in operations)
+        if str(gt).strip() != str(total):
+            raise ConfigError(f"{where}: the chain {msgs[-1]['content'].strip()} is {total}, but "
+                              f"'reward_model.ground_truth' is {gt!r:.80}")
     if need_response and not isinstance(r.get("response"), str):
         raise ConfigError(f"{where}: SFT rows need a 'response' string")
 
@@ -64,11 +88,19 @@ def load_rows(path, need_response=False):
     if not path.endswith(".jsonl"):
         return load_dataset_rows(path, need_response)
     rows = []
-    with open(resolve(path)) as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(resolve(path), "rb")  # bytes: a line that is not UTF-8 is named, not a bare UnicodeDecodeError
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line is {raw[e.start:e.start + 1]!r})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
@@ -90,13 +122,13 @@ def load_dataset_rows(path, need_response=False):
         else:
             name, _, split = path.partition(":")
             ds = datasets.load_dataset(name, split=split or "train")
+        rows = ds.to_list()  # decodes the strings: a file that is not UTF-8 fails here
     except Exception as e:  # no such dataset, hub unreachable, unreadable file: all stop here
         raise ConfigError(f"{path}: cannot load with datasets ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     missing = [c for c in SCHEMA + (("response",) if need_response else ()) if c not in ds.column_names]
     if missing:
         raise ConfigError(f"{path}: missing column(s) {', '.join(missing)}; the Eurus-2-RL-Data schema needs "
                           f"prompt (chat messages), ability and reward_model.ground_truth (has: {', '.join(ds.column_names)})")
-    rows = ds.to_list()
     for i, r in enumerate(rows):
         check_row(r, f"{path} row {i}", need_response)
     if not rows:

@@ -30,11 +30,86 @@ MICRO = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--ti
     (["--process-credit", "min", "--adv-estimator", "grpo"], "--process-credit: min-form credit is implemented for"),
     (["--data", "nope.jsonl"], "data file not found: nope.jsonl"),
     (["--steps", "0"], "--steps: must be >= 1"),
+    # Accepted before and failing late, or silently changing the run:
+    (["--eval-n", "-5"], "--eval-n: must be >= 0, got -5"),  # [:-5] dropped 5 held-out prompts
+    (["--beta", "0"], "--beta: must be > 0, got 0.0"),
+    (["--beta", "-0.05"], "--beta: must be > 0, got -0.05"),
+    (["--temperature", "nan"], "--temperature: must be a finite number, got nan"),
+    (["--temperature", "inf"], "--temperature: must be a finite number, got inf"),
+    (["--temperature", "0"], "--temperature: must be > 0, got 0.0"),
+    (["--save-every", "-3"], "--save-every: must be >= 0, got -3"),
+    (["--eps-clip", "-1"], "--eps-clip: must be in (0, 1)"),
+    (["--eps-clip", "1"], "--eps-clip: must be in (0, 1)"),
+    (["--lr-policy", "-1"], "--lr-policy: must be > 0, got -1.0"),
+    (["--lr-policy", "nan"], "--lr-policy: must be a finite number, got nan"),
+    (["--lr-prm", "0"], "--lr-prm: must be > 0, got 0.0"),
+    (["--sft-lr=-inf"], "--sft-lr: must be a finite number, got -inf"),
+    (["--lora-alpha-ratio", "0.1"], "--lora-alpha-ratio: alpha = ratio × rank must be a whole number >= 1 for both "
+                                    "adapters; 0.1 × --lora-r 8 = 0.8 (the adapter would get alpha 0: it would do nothing)"),
+    (["--lora-alpha-ratio", "0.3"], "0.3 × --lora-r 8 = 2.4 (the adapter would get alpha 2)"),
+    (["--lora-alpha-ratio", "0.5", "--prm-lora-r", "3"], "0.5 × --prm-lora-r 3 = 1.5 (the adapter would get alpha 1)"),
+    (["--lora-alpha-ratio", "-2"], "--lora-alpha-ratio: must be > 0, got -2.0"),
+    (["--process-coef", "-0.5"], "--process-coef: must be >= 0, got -0.5"),
+    (["--process-coef", "nan"], "--process-coef: must be a finite number, got nan"),
+    (["--wd-policy", "-0.01"], "--wd-policy: must be >= 0, got -0.01"),
+    (["--prm-grad-clip", "0"], "--prm-grad-clip: must be > 0, got 0.0"),
+    (["--policy-grad-clip", "-1"], "--policy-grad-clip: must be > 0, got -1.0"),
+    (["--gamma-process", "1.5"], "--gamma-process: must be in [0, 1], got 1.5"),
+    (["--gamma-outcome", "-0.1"], "--gamma-outcome: must be in [0, 1], got -0.1"),
+    (["--prm-gate", "2"], "--prm-gate: must be in [0, 1], got 2.0"),
+    (["--prm-warmup", "-1"], "--prm-warmup: must be >= 0, got -1"),
+    (["--sft-target", "nan"], "--sft-target: must be a finite number, got nan"),
+    (["--filter-low", "nan"], "--filter-low: must be a finite number, got nan"),
+    (["--lora-dropout", "1"], "--lora-dropout: must be in [0, 1), got 1.0"),
+    (["--eval-samples", "0"], "--eval-samples: must be >= 1, got 0"),
+    (["--eval-every", "-1"], "--eval-every: must be >= 0, got -1"),
+    (["--reward-pages", "-2"], "--reward-pages: must be >= 0, got -2"),
+    (["--truth-prompts", "-1"], "--truth-prompts: must be >= 0, got -1"),
+    (["--threads", "-1"], "--threads: must be >= 0, got -1"),
+    (["--gen-batch", "-4"], "--gen-batch: must be >= 0, got -4"),
+    (["--max-rollout-rounds", "0"], "--max-rollout-rounds: must be >= 1, got 0"),
+    (["--sft-steps", "0"], "--sft-steps: must be >= 1, got 0"),
+    (["--gpu-memory-gb", "inf"], "--gpu-memory-gb: must be a finite number, got inf"),
+    (["--seed", "-1"], "--seed: must be in [0, 2**63), got -1"),
+    (["--eval-seed", str(2 ** 64)], "--eval-seed: must be in [0, 2**63)"),
+    (["--tiny-heads", "0"], "--tiny-heads: must be >= 1, got 0"),
+    (["--tiny-layers", "0"], "--tiny-layers: must be >= 1, got 0"),
+    (["--tiny-hidden", "130"], "--tiny-hidden: must be --tiny-heads (4) times an even head size"),
+    (["--tiny-hidden", "36"], "--tiny-hidden: must be --tiny-heads (4) times an even head size"),  # head size 9
+    (["--lora-targets", "q_proj,"], "--lora-targets: all-linear, or module names separated by commas"),
+    (["--lora-targets", "q_proj,qkv"], "--lora-targets: the tiny default has no linear layer named qkv (it has down_proj"),
+    (["--data", "data/arith_rl.jsonl,"], "--data: an empty file name in 'data/arith_rl.jsonl,'"),
 ])
 def test_invalid_config_names_the_flag(argv, needle):
     with pytest.raises(models.ConfigError) as e:
         config.parse_config(argv)
     assert needle in str(e.value)
+
+
+def test_bad_flag_stops_the_command_with_exit_2_and_the_flag(tmp_path):
+    runs = tmp_path / "runs"
+    out = subprocess.run([sys.executable, "prime_mini.py", "--temperature", "nan", "--out-dir", str(runs)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == "error: --temperature: must be a finite number, got nan"
+    assert "Traceback" not in out.stderr and "SFT" not in out.stdout and not runs.exists(), "nothing was trained or written"
+
+
+def test_the_ends_of_each_allowed_range_are_accepted():
+    cfg = config.parse_config(["--eval-n", "0", "--save-every", "0", "--eval-every", "0", "--threads", "0",
+                               "--lora-alpha-ratio", "0.25", "--lora-r", "4", "--prm-lora-r", "4",
+                               "--gamma-process", "0", "--gamma-outcome", "1", "--prm-gate", "1", "--prm-warmup", "0",
+                               "--eps-clip", "0.99", "--wd-policy", "0", "--process-coef", "0", "--reward-pages", "0",
+                               "--tiny-hidden", "36", "--tiny-heads", "3", "--lora-targets", "q_proj,v_proj"])
+    assert (cfg.eval_n, cfg.lora_alpha_ratio * cfg.lora_r, cfg.tiny_hidden // cfg.tiny_heads) == (0, 1.0, 12)
+
+
+def test_every_numeric_flag_is_range_checked():
+    """Each int and float field is in one of validate()'s checks (or, K, eps_clip, lora_dropout, a
+    rule of its own): a new field cannot be left without one."""
+    ranged = (set(config.AT_LEAST_1) | set(config.AT_LEAST_0) | set(config.POSITIVE) | set(config.NON_NEGATIVE)
+              | set(config.UNIT_RANGE) | set(config.SEEDS) | {"K", "eps_clip", "lora_dropout"})
+    numeric = {f.name for f in pm.dataclasses.fields(config.Config) if f.type in (int, float)}
+    assert numeric - ranged == set()
 
 
 def test_unknown_choice_is_refused_by_the_parser(capsys):
@@ -95,6 +170,31 @@ def test_every_config_field_has_help_text():
      "bad.jsonl:2: sample ?#?: ground truth is not valid JSON"),
     ('{"prompt": [{"role": "user", "content": "x"}], "ability": "code", "reward_model": {"ground_truth": "{\\"inputs\\": [1]}"}}',
      "bad.jsonl:2: sample ?#?: ground truth needs 'inputs' and 'outputs'"),
+    # Types that passed the check and failed mid-run (a TypeError after the SFT warm-up, an AttributeError).
+    ('{"prompt": [{"role": "user", "content": 12}], "ability": "math", "reward_model": {"ground_truth": "2"}}',
+     "bad.jsonl:2: prompt[0].content must be a string, got 12"),
+    ('{"prompt": [{"role": "system", "content": "hi"}, {"role": "user", "content": null}], "ability": "math", '
+     '"reward_model": {"ground_truth": "2"}}', "bad.jsonl:2: prompt[1].content must be a string, got None"),
+    ('{"prompt": [{"role": 1, "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": "2"}}',
+     "bad.jsonl:2: prompt[0].role must be a string, got 1"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": null}}',
+     "bad.jsonl:2: a math row's 'reward_model.ground_truth' must be the answer as a string (or a number), got None"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": [2]}}',
+     "bad.jsonl:2: a math row's 'reward_model.ground_truth' must be the answer as a string (or a number), got [2]"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": true}}',
+     "bad.jsonl:2: a math row's 'reward_model.ground_truth' must be"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": " "}}',
+     "bad.jsonl:2: a math row's 'reward_model.ground_truth' must be"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": "2"}, '
+     '"extra_info": [1]}', "bad.jsonl:2: 'extra_info' must be an object, got [1]"),
+    ('{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": "2"}, '
+     '"data_source": 7}', "bad.jsonl:2: 'data_source' must be a string, got 7"),
+    # The embedded task's rows are labelled step by step (steps.py): an AssertionError at the first RL step.
+    ('{"data_source": "arith_chain", "prompt": [{"role": "user", "content": "What is 1+1?"}], "ability": "math", '
+     '"reward_model": {"ground_truth": "2"}}',
+     "bad.jsonl:2: a 'arith_chain' row's last prompt message must be a chain such as '47+8-3=' (not a prompt"),
+    ('{"data_source": "arith_chain", "prompt": [{"role": "user", "content": "47+8-3="}], "ability": "math", '
+     '"reward_model": {"ground_truth": "53"}}', "bad.jsonl:2: the chain 47+8-3= is 52, but 'reward_model.ground_truth' is '53'"),
 ])
 def test_malformed_row_names_file_and_line(tmp_path, line, needle):
     good = '{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": "2"}}'
@@ -103,6 +203,22 @@ def test_malformed_row_names_file_and_line(tmp_path, line, needle):
     with pytest.raises(models.ConfigError) as e:
         tasks.load_rows(str(path))
     assert needle in str(e.value) and str(e.value).startswith(f"{path}:2: ")
+
+
+def test_data_file_that_is_not_utf8_names_file_and_line(tmp_path):
+    good = '{"prompt": [{"role": "user", "content": "1+1="}], "ability": "math", "reward_model": {"ground_truth": "2"}}'
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((good + "\n" + good.replace("1+1=", "caf\xe9 1+1=") + "\n").encode("latin-1"))
+    with pytest.raises(models.ConfigError) as e:
+        tasks.load_rows(str(path))
+    assert str(e.value) == f"{path}:2: not UTF-8 text (byte 45 of the line is b'\\xe9')"  # 41 characters, then caf
+    json_file = tmp_path / "latin1.json"  # read by datasets: its own message, with the file's name
+    json_file.write_bytes(path.read_bytes())
+    with pytest.raises(models.ConfigError, match=f"{json_file}: cannot load with datasets \\(UnicodeDecodeError"):
+        tasks.load_rows(str(json_file))
+    (tmp_path / "folder.jsonl").mkdir()  # a folder named like a data file
+    with pytest.raises(models.ConfigError, match="folder.jsonl: cannot read \\(Is a directory\\)"):
+        tasks.load_rows(str(tmp_path / "folder.jsonl"))
 
 
 def test_malformed_data_stops_before_any_model_is_built(tmp_path):

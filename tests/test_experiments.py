@@ -51,6 +51,16 @@ def write_config(run, **changes):
     ([], {"prm_init": None, "process_coef": None}, "was written by another version of prime_mini.py: it lacks "
                                                    "prm_init, process_coef (today's defaults would stand in"),
     ([], {"kl_coef": 0.1}, "it has kl_coef, which this version does not know"),
+    # Edited by hand (the message above asks for it): the types as strictly as the flags, then their ranges.
+    ([], {"P": 2.5}, "run/config.json: P must be an integer, got 2.5"),  # ran, and failed mid-run
+    ([], {"beta": "0.05"}, "run/config.json: beta must be a number, got '0.05'"),
+    ([], {"K": True, "tensorboard": 1}, "run/config.json: K must be an integer, got True; tensorboard must be true or false, got 1"),
+    ([], {"data": ["data/arith_rl.jsonl"]}, "run/config.json: data must be a string, got ['data/arith_rl.jsonl']"),
+    ([], {"base_path": 3}, "run/config.json: base_path must be a string, got 3"),
+    ([], {"P": 0}, "run/config.json: --P: must be >= 1, got 0"),
+    ([], {"temperature": float("nan")}, "run/config.json: --temperature: must be a finite number, got nan"),
+    ([], {"lora_alpha_ratio": 0.1}, "run/config.json: --lora-alpha-ratio: alpha = ratio × rank must be a whole number"),
+    (["--save-every", "-3"], {}, "--save-every: must be >= 0, got -3"),  # an override is checked as a flag
 ])
 def test_resume_refuses_what_it_cannot_do(tmp_path, argv, changes, needle):
     run = tmp_path / "run"
@@ -60,6 +70,30 @@ def test_resume_refuses_what_it_cannot_do(tmp_path, argv, changes, needle):
     with pytest.raises(models.ConfigError) as e:
         config.parse_config(argv)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda text: text[: text.index('"seed"') + 4], "is not a readable JSON file (Unterminated string"),  # cut short
+    (lambda text: text.replace('"seed": 0', '"seed": 0,,'), "is not a readable JSON file (Expecting property name"),
+    (lambda text: "[" + text + "]", "must hold a JSON object of settings, not a list"),
+    (lambda text: text.replace('"out_dir": "runs"', '"out_dir": "r\xe9"'), "is not a readable JSON file ('utf-8' codec"),
+])
+def test_damaged_config_json_names_the_file(tmp_path, damage, needle):
+    write_config(tmp_path / "run", seed=0)
+    path = tmp_path / "run" / "config.json"
+    path.write_bytes(damage(path.read_text()).encode("latin-1"))
+    for call, flag in ((lambda: config.parse_config(["--resume", str(tmp_path / "run")]), "--resume: "),
+                       (lambda: ex.check_reusable(str(tmp_path / "run"), config.Config()), "compare: ")):
+        with pytest.raises(models.ConfigError) as e:
+            call()
+        assert str(e.value).startswith(f"{flag}{path} ") and needle in str(e.value), str(e.value)
+
+
+def test_saved_config_takes_a_whole_number_for_a_float_field(tmp_path):
+    """json writes 0.05 as 0.05 and 1.0 as 1.0, but a hand edit may write 1: still a float field."""
+    write_config(tmp_path / "run", beta=1)
+    cfg, _ = config.saved_config(str(tmp_path / "run"), "")
+    assert cfg.beta == 1.0 and isinstance(cfg.beta, float)
 
 
 def test_show_rewards_reads_an_older_config_with_a_warning(tmp_path):
@@ -90,6 +124,26 @@ def test_compare_stops_on_a_finished_run_made_with_other_flags_before_running_an
         ex.compare_main(["--arms", "prime", "--seeds", "1", "--out-dir", str(tmp_path), "--name", "c"], pm.run)
     with pytest.raises(models.ConfigError, match="compare sets --seed for each run itself"):
         ex.compare_main(["--arms", "prime", "--seed", "1", "--out-dir", str(tmp_path), "--name", "c"], pm.run)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--arms", "prime,prime"], "--arms: prime given twice; name each arm once"),  # the spread of one arm counted twice
+    (["--arms", "prime,outcome,x:beta=0.1,x:beta=0.2"], "--arms: x given twice"),
+    (["--arms", "a/b:beta=0.1"], "--arms: arm name 'a/b' must be letters, digits and _ . + - only"),
+    (["--arms", ":beta=0.1"], "--arms: arm name '' must be"),
+    (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
+    (["--seeds", "-2"], "--seeds: must be >= 1, got -2"),
+    (["--window", "0"], "--window: must be >= 1, got 0"),  # a ZeroDivisionError after every run had finished
+    (["--window", "-1"], "--window: must be >= 1, got -1"),
+    (["--eval-every", "-5"], "--eval-every: must be >= 0, got -5"),
+])
+def test_compare_refuses_bad_arguments_before_running_anything(tmp_path, argv, needle):
+    def no_run(cfg):
+        raise AssertionError("compare ran an arm")
+    with pytest.raises(models.ConfigError) as e:
+        ex.compare_main(argv + ["--out-dir", str(tmp_path), "--name", "c"], no_run)
+    assert needle in str(e.value)
+    assert not (tmp_path / "c").exists(), "no folder was made"
 
 
 def test_prompt_stream_state_round_trips_mid_epoch():

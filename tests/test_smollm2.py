@@ -63,10 +63,101 @@ def test_gguf_of_an_architecture_transformers_cannot_read_is_refused(tmp_path):
 def test_file_that_is_not_gguf_is_refused(tmp_path):
     pytest.importorskip("gguf")
     path = tmp_path / "m.gguf"
-    path.write_text("not a gguf file")
+    for text, why in (("not a gguf file", "15 bytes, shorter than a GGUF header (24)"),
+                      ("not a gguf file, only some text", "it does not begin with the bytes GGUF (it begins with b'not ')")):
+        path.write_text(text)
+        models.gguf_metadata.cache_clear()
+        with pytest.raises(models.ConfigError) as e:
+            config.parse_config(["--model", str(path)])
+        assert str(e.value) == f"--model: {path} is not a readable GGUF file: {why}"
+
+
+def write_full_gguf(path):
+    """A small GGUF file with every kind of value (strings, arrays of numbers, strings and arrays)
+    and two tensors, as gguf's own writer writes it."""
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("test")
+    w.add_token_list(["a", "bb", "ccc"])
+    w.add_array("test.ints", [1, 2, 3])
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.add_tensor("w1", np.arange(6, dtype=np.float32).reshape(2, 3))
+    w.add_tensor("w2", np.ones(5, dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_truncated_gguf_is_refused_naming_the_file_wherever_it_is_cut(tmp_path):
+    """Cut anywhere before the end of its last tensor, a GGUF file stops with a ConfigError naming
+    it (gguf's reader raised IndexError on a header cut short); cut in the final padding, it reads.
+    (transformers reads only some architectures' fields: this file is for gguf's reader only.)"""
+    gguf = pytest.importorskip("gguf")
+    whole = write_full_gguf(tmp_path / "whole.gguf").read_bytes()
+    reader = gguf.GGUFReader(str(tmp_path / "whole.gguf"))
+    data_end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    assert data_end < len(whole), "the writer pads the file after the last tensor"
+    cut = tmp_path / "cut.gguf"
+    for n in range(len(whole) + 1):
+        cut.write_bytes(whole[:n])
+        if n < data_end:
+            with pytest.raises(models.ConfigError, match=f"^--model: {cut} is not a readable GGUF file: "):
+                models.check_gguf_header(str(cut))
+        else:  # only padding lost: the check passes, and gguf's reader finds the same tensors
+            models.check_gguf_header(str(cut))
+            assert [(x.name, x.data.tolist()) for x in gguf.GGUFReader(str(cut)).tensors] == \
+                   [(x.name, x.data.tolist()) for x in reader.tensors]
+    cut.write_bytes(whole[:60])  # inside the first key: through --model, before transformers reads it
+    models.gguf_metadata.cache_clear()
+    with pytest.raises(models.ConfigError, match=f"^--model: {cut} is not a readable GGUF file: "):
+        config.parse_config(["--model", str(cut)])
+
+
+def gguf_header(version=3, n_tensors=0, n_keys=1):
+    import struct
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_keys)
+
+
+def gguf_key(name, vtype):
+    import struct
+    return struct.pack("<Q", len(name)) + name.encode() + struct.pack("<I", vtype)
+
+
+def _hostile():
+    import struct
+    return [  # (bytes, the reason in the message); 64 bytes of zeros after each header
+        (gguf_header(n_keys=2 ** 62), f"it claims {2 ** 62} keys and 0 tensors, more than its 88 bytes can hold"),
+        (gguf_header(n_tensors=2 ** 40, n_keys=0), f"it claims 0 keys and {2 ** 40} tensors"),
+        (gguf_header(version=7), "version 7; the gguf package reads versions [2, 3]"),
+        (gguf_header() + struct.pack("<Q", 2 ** 62), f"a key at byte 32 needs {2 ** 62} bytes, 64 are left"),
+        (gguf_header() + gguf_key("a", 9) + struct.pack("<IQ", 0, 2 ** 60),  # an array of 2**60 uint8: ran out of memory
+         f"'a' claims {2 ** 60} items, more than the 64 bytes left can hold"),
+        (gguf_header() + gguf_key("a", 9) + struct.pack("<IQ", 8, 2 ** 40), f"'a' claims {2 ** 40} items"),  # strings
+        (gguf_header() + gguf_key("a", 8) + struct.pack("<Q", 2 ** 50), f"the value of 'a' at byte 45 needs {2 ** 50} bytes"),
+        (gguf_header() + gguf_key("a", 99), "'a' has an unknown value type 99"),
+        (gguf_header(n_tensors=1, n_keys=0) + struct.pack("<Q", 1) + b"w" + struct.pack("<I", 2 ** 31),
+         f"the dimensions of 'w' at byte 37 needs {8 * 2 ** 31} bytes, 64 are left"),
+        (gguf_header(n_tensors=1, n_keys=0) + struct.pack("<Q", 1) + b"w" + struct.pack("<IQIQ", 1, 10 ** 6, 0, 0),
+         "tensor 'w' ends at byte 4000064, past the end of the file (121 bytes)"),
+        (gguf_header(n_tensors=1, n_keys=0) + struct.pack("<Q", 1) + b"w" + struct.pack("<IQIQ", 1, 4, 77, 0),
+         "tensor 'w' has an unknown type 77"),
+    ]
+
+
+@pytest.mark.parametrize("head, why", _hostile(), ids=["many-keys", "many-tensors", "version", "long-key", "huge-array",
+                                                     "huge-string-array", "long-string", "value-type", "many-dims",
+                                                     "tensor-past-end", "tensor-type"])
+def test_hostile_gguf_header_is_refused_by_the_file_size_not_read(tmp_path, head, why):
+    pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    path.write_bytes(head + bytes(64))
+    models.gguf_metadata.cache_clear()
     with pytest.raises(models.ConfigError) as e:
-        config.parse_config(["--model", str(path)])
-    assert str(e.value).startswith(f"--model: transformers cannot read {path}: GGUF magic invalid")
+        models.gguf_metadata(str(path))
+    assert str(e.value).startswith(f"--model: {path} is not a readable GGUF file: ") and why in str(e.value), str(e.value)
 
 
 def test_gguf_without_the_gguf_package_says_how_to_install_it(tmp_path, monkeypatch):

@@ -168,8 +168,23 @@ def test_negative_numbers_parse_and_whitespace_around_the_box_is_allowed():
 
 def test_parse_prompt_reads_start_and_operations_and_rejects_other_text():
     assert steps.parse_prompt(PROMPT) == (47, [("+", 8), ("-", 3), ("+", 9), ("-", 6)])
-    with pytest.raises(AssertionError, match="not a prompt"):
-        steps.parse_prompt("What is 2+2?")
+    for text in ("What is 2+2?", "47+8-3", "1" * 700 + "+1=", 47):
+        with pytest.raises(ValueError, match="not a prompt of the arithmetic task"):
+            steps.parse_prompt(text)
+
+
+def test_a_number_too_long_for_int_makes_a_junk_step_not_a_crash():
+    """int() refuses digit strings over 4300 digits (ValueError); a response is untrusted text, and
+    the same response comes back on every resume (the RNG replays it): it must label, not raise."""
+    huge = "5" * 5000
+    lab = steps.label_steps("47+8-3=", f"47+8=55;55-3={huge};\\boxed{{{huge}}}")
+    assert [s.a for s in lab.steps] == [47, None] and not lab.steps[1].right and not lab.steps[1].follows
+    assert lab.first_wrong == 1 and lab.errors == ("junk", "missing_box") and lab.box is None and not lab.correct
+    lab = steps.label_steps("47+8-3=", f"47+8=55;55-3=52;\\boxed{{{huge}}}")  # right steps, then a huge box
+    assert lab.first_wrong is None and lab.errors == ("junk", "missing_box") and lab.box is None
+    a, c = "1" * 640, "1" * 639 + "2"  # 640 digits, the longest number that parses: judged as any other
+    lab = steps.label_steps(f"{a}+1=", f"{a}+1={c};\\boxed{{{c}}}")
+    assert lab.ok and lab.correct and lab.box == int(c)
 
 
 # --------------------------------------------------------------------------------------------
