@@ -43,11 +43,15 @@ def write_json(path, obj):
     """Write `obj` as JSON (NaN as null) to `path` through a temporary file in the same folder and
     a rename: a kill leaves the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: the old file stays as it was
+            os.remove(tmp)
 
 
 def replace_folder(tmp, final):
