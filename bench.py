@@ -130,6 +130,11 @@ def worker_ours(args, pm_argv):
         m["cpu_step"] = time.process_time() - clock.cpu0
         return fmt(step, cfg, m)
     pm.collect, pm.fmt_step = collect_reset, fmt_record
+    scratch = os.path.join(args.out_dir, f"bench-{args.arm}")  # this arm's timing run of the last bench
+    if os.path.isdir(scratch):  # a new run refuses an existing folder: bench's own is replaced, and says so
+        import shutil
+        print(f"bench: removing the previous timing run {scratch}", file=sys.stderr)
+        shutil.rmtree(scratch)
     cfg = config.parse_config(pm_argv + ["--steps", str(args.warmup + args.steps), "--eval-n", "1",
                                      "--eval-samples", "1", "--no-show-progress", "--out-dir", args.out_dir,
                                      "--run-name", f"bench-{args.arm}"] + (["--threads", str(args.threads)] if args.threads else []))

@@ -9,14 +9,57 @@ It must not touch: the algorithm (it saves and restores state, it computes nothi
 """
 import dataclasses
 import json
+import math
 import os
+import pickle
 import random
 import re
+import shutil
 import warnings
 
 import torch
 
 from models import ConfigError
+
+
+def json_safe(obj):
+    """`obj` with every NaN or infinity as None: JSON has no NaN,
+    and most readers refuse Python's `NaN` token. Dicts, lists and tuples are walked."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_line(obj):
+    """One line of JSON (metrics.jsonl), NaN written as null."""
+    return json.dumps(json_safe(obj), allow_nan=False) + "\n"
+
+
+def write_json(path, obj):
+    """Write `obj` as JSON (NaN as null) to `path` through a temporary file in the same folder and
+    a rename: a kill leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(obj), f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: the old file stays as it was
+            os.remove(tmp)
+
+
+def replace_folder(tmp, final):
+    """Put the complete folder `tmp` in the place of `final` (an older `final` is removed first;
+    the rename itself is atomic, so `final` is never a half-written folder)."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
 
 def latest_checkpoint(run_dir):
     """The newest complete checkpoint folder of a run, or None. A folder is complete once renamed
@@ -28,7 +71,6 @@ def latest_checkpoint(run_dir):
 def save_checkpoint(run_dir, step, model, opt_policy, opt_prm, state):
     """Both adapters (peft format), both optimizers, RNG states and `state` (data position, ...),
     written to a temporary folder and renamed; older checkpoints are removed afterwards."""
-    import shutil
     final = os.path.join(run_dir, f"checkpoint-{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -37,8 +79,7 @@ def save_checkpoint(run_dir, step, model, opt_policy, opt_prm, state):
                 "rng_python": random.getstate(), "rng_torch": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)
     for d in os.listdir(run_dir):
         if re.fullmatch(r"checkpoint-\d{6}(\.tmp)?", d) and os.path.join(run_dir, d) != final:
             shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
@@ -86,9 +127,17 @@ def load_prm_init(model, cfg, base_path):
 
 
 def load_checkpoint(path, model, opt_policy, opt_prm):
-    """Restore what `save_checkpoint` wrote; returns its `state` dict."""
+    """Restore what `save_checkpoint` wrote; returns its `state` dict.
+
+    state.pt holds only tensors, numbers, strings, lists, tuples and dicts, so it is read with
+    `weights_only=True`: a checkpoint from someone else cannot run code through pickle."""
     load_adapters(model, os.path.join(path, "adapters"))
-    st = torch.load(os.path.join(path, "state.pt"), weights_only=False)  # our own file: RNG tuples inside
+    try:
+        st = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message ends with what it refused (e.g. GLOBAL posix.system)
+        what = next((line for line in str(e).splitlines() if "GLOBAL" in line), "").strip()
+        raise ConfigError(f"--resume: {os.path.join(path, 'state.pt')} holds objects other than tensors, numbers and "
+                          f"containers, which this program never saves: refused, nothing in it was run ({what[:200]})") from None
     opt_policy.load_state_dict(st["opt_policy"])
     opt_prm.load_state_dict(st["opt_prm"])
     random.setstate(st["rng_python"])
@@ -110,7 +159,7 @@ def open_metrics(run_dir, last_step):
                 unreadable += 1  # a line cut short by the kill: skip it, and only it
                 continue
             if m["step"] <= last_step:
-                keep.append(json.dumps(m) + "\n")
+                keep.append(json_line(m))
     if unreadable:
         warnings.warn(f"{path}: skipped {unreadable} unreadable line(s) (a kill leaves its last line half-written)",
                       RuntimeWarning)
@@ -138,7 +187,7 @@ def make_logger(cfg, run_dir, last_step):
                         dir=run_dir, config=dataclasses.asdict(cfg), resume="allow")
 
     def log(m):
-        metrics_f.write(json.dumps(m) + "\n")
+        metrics_f.write(json_line(m))
         metrics_f.flush()
         scalars = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "step"}
         if tb:

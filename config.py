@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -189,8 +190,10 @@ def _field_help():
     return helps
 
 
-def parse_config(argv=None):
-    """Build the Config from command-line flags generated from the dataclass, then validate it."""
+def parse_config(argv=None, new_folder=True):
+    """Build the Config from command-line flags generated from the dataclass, then validate it.
+    `new_folder`: a run that is not resumed refuses an existing run folder (new_run_dir); compare
+    passes False, as it decides itself which of its folders to reuse, resume or restart."""
     import argparse
     # allow_abbrev=False: argparse would otherwise take `--process-co` for --process-coef, and a
     # preset or --faithful would then override a flag the user did give (it looks absent).
@@ -217,6 +220,8 @@ def parse_config(argv=None):
                 if k not in explicit:
                     setattr(cfg, k, v)
     validate(cfg)
+    if new_folder and not cfg.resume and not cfg.plan_memory:
+        new_run_dir(cfg)
     # A flag that the chosen --reward-mode never reads would silently change nothing.
     if "oracle_form" in explicit and cfg.reward_mode != "oracle":
         raise ConfigError(f"--oracle-form: only --reward-mode oracle reads it (this run: --reward-mode {cfg.reward_mode})")
@@ -469,6 +474,29 @@ def check_lora_targets(cfg):
     if unknown:
         raise ConfigError(f"--lora-targets: the tiny default has no linear layer named {', '.join(unknown)} "
                           f"(it has {', '.join(linear)})")
+
+
+def new_run_dir(cfg):
+    """The folder a new run writes: OUT_DIR/RUN_NAME (default <time>-<reward_mode>-s<seed>), refused
+    when it exists already (check_run_dir_free)."""
+    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.reward_mode}-s{cfg.seed}"
+    return check_run_dir_free(os.path.join(cfg.out_dir, name))
+
+
+def in_use(run_dir):
+    """Whether `run_dir` exists and is not an empty folder."""
+    return os.path.exists(run_dir) and not (os.path.isdir(run_dir) and not os.listdir(run_dir))
+
+
+def check_run_dir_free(run_dir):
+    """Stop when `run_dir` is in use: a new run in it would overwrite its config.json, empty its
+    metrics.jsonl and delete its checkpoints, mixing two runs."""
+    if in_use(run_dir):
+        how = (f"continue it with --resume {run_dir}, or " if latest_checkpoint(run_dir) else
+               "it has no checkpoint to resume from; ")
+        raise ConfigError(f"--run-name: {run_dir} exists already and a new run would overwrite it: {how}choose another "
+                          "--run-name (or --out-dir), or remove the folder")
+    return run_dir
 
 
 def check_prm_init(cfg):

