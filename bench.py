@@ -103,6 +103,32 @@ def wrap_optimizer_and_backward(clock):
     torch.optim.AdamW.step = clock.wrap(torch.optim.AdamW.step)  # before any optimizer is built
 
 
+def wrap_model_calls(clock):
+    """Time `sampling.generate` (and count its valid tokens) and `sampling.token_logprobs` under
+    every name they are known by: the loop and the evaluation call the names they imported
+    (`from sampling import generate`), so wrapping the module's attribute alone times nothing.
+    Returns the (module, name, original) replaced, to undo it."""
+    import sampling
+    gen, logp = sampling.generate, sampling.token_logprobs
+
+    def generate(*a, **kw):  # count the valid generated tokens (through the first EOS)
+        resp, mask = gen(*a, **kw)
+        clock.tokens += int(mask.sum().item())
+        return resp, mask
+    wrapped = {id(gen): clock.wrap(generate), id(logp): clock.wrap(logp)}
+    replaced = []
+    root = os.path.dirname(os.path.abspath(__file__))
+    ours = [m for m in list(sys.modules.values())  # this project's modules, bench itself aside
+            if os.path.dirname(os.path.abspath(getattr(m, "__file__", None) or "/")) == root and m.__name__ != __name__]
+    for module in ours:
+        for name in ("generate", "token_logprobs"):
+            fn = getattr(module, name, None)
+            if fn is not None and id(fn) in wrapped and fn in (gen, logp):
+                setattr(module, name, wrapped[id(fn)])
+                replaced.append((module, name, fn))
+    return replaced
+
+
 def worker_ours(args, pm_argv):
     """Run prime_mini.run() for warmup+steps RL steps; return the measured steps' metrics."""
     import config
@@ -110,14 +136,7 @@ def worker_ours(args, pm_argv):
     import sampling
     clock = ModelClock()
     wrap_optimizer_and_backward(clock)
-    gen = sampling.generate
-
-    def generate(*a, **kw):  # count the valid generated tokens (through the first EOS)
-        resp, mask = gen(*a, **kw)
-        clock.tokens += int(mask.sum().item())
-        return resp, mask
-    sampling.generate = clock.wrap(generate)
-    sampling.token_logprobs = clock.wrap(sampling.token_logprobs)
+    wrap_model_calls(clock)
     collect, fmt = pm.collect, pm.fmt_step
 
     def collect_reset(*a, **kw):  # a step starts with collect(): start its clock afresh
