@@ -626,14 +626,15 @@ def sweep_plot(table, ref, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     lengths = sorted(table)
-    arms = [a for a in next(iter(table.values()))["arms"] if a != ref]
+    arms = [a for a in dict.fromkeys(a for t in table.values() for a in t["arms"]) if a != ref]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for k, arm in enumerate(arms):
         dx = (k - (len(arms) - 1) / 2) * 0.12 * (lengths[-1] - lengths[0] + 1) / max(1, len(lengths))
-        rows = [table[n]["arms"][arm] for n in lengths]
-        ax1.errorbar([n + dx for n in lengths], [r["gain"][0] for r in rows], yerr=[r["gain"][1] for r in rows],
+        at = [n for n in lengths if arm in table[n]["arms"]]  # the lengths where this arm has finished
+        rows = [table[n]["arms"][arm] for n in at]
+        ax1.errorbar([n + dx for n in at], [r["gain"][0] for r in rows], yerr=[r["gain"][1] for r in rows],
                      marker="o", capsize=4, label=arm)
-        eff = [(n + dx, r["eff_reward"]) for n, r in zip(lengths, rows) if r["eff_reward"][0] is not None]
+        eff = [(n + dx, r["eff_reward"]) for n, r in zip(at, rows) if r["eff_reward"][0] is not None]
         if eff:
             ax2.errorbar([x for x, _ in eff], [e[0] for _, e in eff], yerr=[e[1] for _, e in eff], marker="o",
                          capsize=4, label=arm)
@@ -687,16 +688,18 @@ def sweep_main(argv, run):
                                                    "--seeds", str(args.seeds), "--ref", args.ref,
                                                    "--name", f"{args.name}/len{n}", "--out-dir", args.out_dir,
                                                    "--eval-every", str(args.eval_every), "--window", str(args.window)], run)
-    results = {}
+    results = {}  # per length, the arms whose every seed is finished (the reference's must be)
     for n in lengths:
         sub = os.path.join(folder, f"len{n}")
-        done = all(os.path.exists(os.path.join(sub, f"{a}-s{s}", "summary.json")) for a in names for s in range(args.seeds))
-        if done:
-            results[n] = {a: sweep_runs(sub, a, args.seeds) for a in names}
-        else:
-            print(f"chains of {n} steps: not every run is finished; left out of the figure")
+        done = [a for a in names if all(os.path.exists(os.path.join(sub, f"{a}-s{s}", "summary.json"))
+                                        for s in range(args.seeds))]
+        if args.ref in done:
+            results[n] = {a: sweep_runs(sub, a, args.seeds) for a in done}
+        missing = [a for a in names if a not in done]
+        if missing:
+            print(f"chains of {n} steps: {', '.join(missing)} not finished for every seed; left out of the figure")
     if not results:
-        raise ConfigError(f"sweep: no length in {folder} has all its runs finished")
+        raise ConfigError(f"sweep: no length in {folder} has all the seeds of --ref {args.ref} finished")
     table = sweep_table(results, args.ref, args.window)
     md = sweep_markdown(table, args.ref, args.window)
     sweep_plot(table, args.ref, os.path.join(folder, "sweep.png"))

@@ -116,3 +116,8 @@ def test_sweep_runs_every_length_and_draws_the_figure(tmp_path):
     mtime = os.path.getmtime(folder / "len5" / "oracle-s0" / "summary.json")
     prime_mini.main(argv)
     assert os.path.getmtime(folder / "len5" / "oracle-s0" / "summary.json") == mtime
+    # An arm not finished at a length is left out there only (the reference's runs are there).
+    os.remove(folder / "len5" / "oracle-s0" / "summary.json")
+    prime_mini.main(argv + ["--report-only"])
+    out = json.load(open(folder / "sweep.json"))
+    assert list(out["lengths"]["5"]["arms"]) == ["outcome"] and list(out["lengths"]["2"]["arms"]) == ["outcome", "oracle"]
