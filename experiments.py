@@ -636,14 +636,18 @@ def sweep_plot(table, ref, path):
                      marker="o", capsize=4, label=arm)
         eff = [(n + dx, r["eff_reward"]) for n, r in zip(at, rows) if r["eff_reward"][0] is not None]
         if eff:
-            ax2.errorbar([x for x, _ in eff], [e[0] for _, e in eff], yerr=[e[1] for _, e in eff], marker="o",
-                         capsize=4, label=arm)
+            line = ax2.errorbar([x for x, _ in eff], [e[0] for _, e in eff], yerr=[e[1] for _, e in eff], marker="o",
+                                capsize=4, label=arm)
+            for x, e in eff:  # the seeds in which both arms reached the target (the others have no ratio)
+                ax2.annotate(f"n={e[2]}", (x, e[0]), textcoords="offset points", xytext=(6, 6),
+                             color=line[0].get_color(), fontsize=8)
     ax1.axhline(0, color="gray", lw=1, ls="--")
     ax2.axhline(1, color="gray", lw=1, ls="--")
     ax1.set(xlabel="steps per chain (response length)", ylabel=f"held-out sampled Δ minus {ref}'s Δ",
             title=f"Held-out gain over {ref}", xticks=lengths)
     ax2.set(xlabel="steps per chain (response length)", ylabel=f"{ref}'s steps / arm's steps",
-            title=f"Sample efficiency: steps to {ref}'s final training reward", xticks=lengths)
+            title=f"Sample efficiency: steps to {ref}'s final training reward\n(n: seeds where both reach it)",
+            xticks=lengths)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
