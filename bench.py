@@ -115,7 +115,7 @@ def wrap_model_calls(clock):
         resp, mask = gen(*a, **kw)
         clock.tokens += int(mask.sum().item())
         return resp, mask
-    wrapped = {id(gen): clock.wrap(generate), id(logp): clock.wrap(logp)}
+    wrapped = {gen: clock.wrap(generate), logp: clock.wrap(logp)}  # functions hash by identity
     replaced = []
     root = os.path.dirname(os.path.abspath(__file__))
     ours = [m for m in list(sys.modules.values())  # this project's modules, bench itself aside
@@ -123,8 +123,8 @@ def wrap_model_calls(clock):
     for module in ours:
         for name in ("generate", "token_logprobs"):
             fn = getattr(module, name, None)
-            if fn is not None and id(fn) in wrapped and fn in (gen, logp):
-                setattr(module, name, wrapped[id(fn)])
+            if fn is gen or fn is logp:
+                setattr(module, name, wrapped[fn])
                 replaced.append((module, name, fn))
     return replaced
 

@@ -24,7 +24,7 @@ import steps
 from checkpoints import latest_checkpoint, load_adapters, write_json
 from config import Config, explicit_fields, in_use, parse_config, saved_config
 from evaluation import prm_scored_samples
-from models import ConfigError, add_adapters, load_base
+from models import ConfigError, add_adapters, load_base, run_device
 from tasks import check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, prompt_text
 
 
@@ -190,6 +190,12 @@ def arm_flags(arm):
     return name, flags
 
 
+def trailing_mean(curve, window):
+    """Mean of the last `window` values up to each step (fewer at the start).
+    Example: trailing_mean([1, 2, 3, 4], 2) -> [1.0, 1.5, 2.5, 3.5]"""
+    return [sum(curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(curve))]
+
+
 def compare_table(results, ref, window=10):
     """Per arm, from each seed's metrics and summary: final training reward (mean sampled accuracy,
     before filtering, of the last `window` steps), the first step at which the arm's seed-mean
@@ -209,7 +215,7 @@ def compare_table(results, ref, window=10):
             warnings.warn(f"{arm}: the seeds' curves have {', '.join(str(len(c)) for c in curves)} steps; "
                           f"all are cut to the shortest ({n})", RuntimeWarning)
         mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(n)]  # (steps,)
-        smooth = [sum(mean_curve[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(n)]
+        smooth = trailing_mean(mean_curve, window)
         # A value that was NaN is null in metrics.jsonl (None here): left out like a missing one.
         t_steps = [m["t_step"] for r in seeds for m in r["metrics"] if m.get("t_step") is not None]
         prm_acc = [m["prm_acc_fresh"] for r in seeds for m in r["metrics"]
@@ -337,6 +343,19 @@ def finished_summary(run_dir):
         return None
 
 
+def read_run(run_dir):
+    """A finished run's step metrics (metrics.jsonl) and summary, as compare and sweep read them."""
+    return {"metrics": [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))],
+            "summary": finished_summary(run_dir)}
+
+
+def check_at_least_one(**counts):
+    """Stop on a count flag below 1 (--seeds, --window of compare and sweep)."""
+    for flag, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"--{flag}: must be >= 1, got {value}")
+
+
 def compare_main(argv, run):
     """`python prime_mini.py compare --arms prime,outcome --seeds 3 [flags for every arm]`: runs
     every arm with every seed (same seed = same data order and the same SFT model), then writes
@@ -355,9 +374,7 @@ def compare_main(argv, run):
     ap.add_argument("--eval-every", type=int, default=20, help="held-out evaluation every this many steps")
     ap.add_argument("--window", type=int, default=10, help="steps in the trailing mean of the training reward")
     args, common = ap.parse_known_args(argv)
-    for flag, value in (("seeds", args.seeds), ("window", args.window)):
-        if value < 1:
-            raise ConfigError(f"--{flag}: must be >= 1, got {value}")
+    check_at_least_one(seeds=args.seeds, window=args.window)
     taken = explicit_fields(common) & {"seed", "run_name", "resume"}
     if taken:
         raise ConfigError(f"compare sets {', '.join('--' + f.replace('_', '-') for f in sorted(taken))} for "
@@ -403,8 +420,7 @@ def compare_main(argv, run):
         run(cfg)
     results = {arm: [] for arm in names}
     for arm, seed, run_dir, cfg in plan:
-        results[arm].append({"metrics": [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))],
-                             "summary": finished_summary(run_dir)})
+        results[arm].append(read_run(run_dir))
     table, target = compare_table(results, ref, args.window)
     md = compare_markdown(table, ref, target, args.window)
     compare_plot(results, table, ref, target, args.window, os.path.join(folder, "compare.png"))
@@ -476,12 +492,9 @@ def chain_sft(lengths, sft_seed, common, out_dir):
         chain_data(n)
         flags = chain_flags(n, init) + ["--sft-seed", str(sft_seed), "--out-dir", out_dir]
         cfg = parse_config(common + flags)
-        device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        state = torch.random.get_rng_state()
-        path = sft_warmup(cfg, device)
-        torch.random.set_rng_state(state)
+        path = sft_warmup(cfg, run_device(cfg))  # seeds itself; every RL run after it does too
         out[n] = (chain_flags(n, init), path)
         init = path
     return {n: v for n, v in out.items() if n in lengths}
@@ -509,7 +522,7 @@ def chain_main(argv):
     for seed in seeds:
         flags, path = chain_sft(via + [args.n_ops], seed, common, args.out_dir)[args.n_ops]
         cfg = parse_config(common + flags + ["--sft-seed", str(seed), "--out-dir", args.out_dir])
-        device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+        device = run_device(cfg)
         base, tok = load_base(path, device, cfg)
         test = load_rows(cfg.test_data)[: cfg.eval_n or None]
         sampled = evaluate(base, tok, test, cfg, device, False, "eval (sampled)")
@@ -526,16 +539,6 @@ def chain_main(argv):
           f"{min(r[3] for r in rows):.3f}-{max(r[3] for r in rows):.3f}")
     print("a run of this length: python prime_mini.py " + " ".join(chain_flags(args.n_ops, rows[0][4]) or ["(no flags)"]))
     return rows
-
-
-def sweep_runs(folder, arm, seeds):
-    """The metrics and summary of each seed of one arm of a compare folder."""
-    out = []
-    for seed in range(seeds):
-        run_dir = os.path.join(folder, f"{arm}-s{seed}")
-        out.append({"metrics": [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))],
-                    "summary": json.load(open(os.path.join(run_dir, "summary.json")))})
-    return out
 
 
 def steps_to(curve, target):
@@ -555,32 +558,31 @@ def sweep_table(results, ref, window):
     def ms(xs):
         xs = [x for x in xs if x is not None]
         return (st.mean(xs), st.stdev(xs) if len(xs) > 1 else 0.0, len(xs)) if xs else (None, None, 0)
+    def deltas(seeds, before, after):
+        return [r["summary"][after] - r["summary"][before] for r in seeds]
+
+    def held_out(r):  # {step: held-out sampled accuracy}: every evaluation along the way and the final one
+        e = {m["step"]: m["eval_acc"] for m in r["metrics"] if "eval_acc" in m}
+        e[r["summary"]["steps"]] = r["summary"]["acc_after"]
+        return e
+
+    def ratios(ref_hits, hits):  # ref's steps / the arm's, per seed where both got there
+        return [(a / b) if (a and b) else None for a, b in zip(ref_hits, hits)]
     table = {}
     for n, arms in results.items():
-        rows = {}
-        smooth, evals = {}, {}
-        for arm, seeds in arms.items():
-            smooth[arm] = []
-            evals[arm] = []
-            for r in seeds:
-                c = [m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])]
-                smooth[arm].append([sum(c[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
-                                    for i in range(len(c))])
-                e = {m["step"]: m["eval_acc"] for m in r["metrics"] if "eval_acc" in m}
-                e[r["summary"]["steps"]] = r["summary"]["acc_after"]
-                evals[arm].append(e)
-        final_reward = sum(s[-1] for s in smooth[ref]) / len(smooth[ref])  # ref's seed-mean final reward
+        smooth = {arm: [trailing_mean([m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])], window)
+                        for r in seeds] for arm, seeds in arms.items()}
+        final_reward = sum(c[-1] for c in smooth[ref]) / len(smooth[ref])  # ref's seed-mean final reward
         final_acc = sum(r["summary"]["acc_after"] for r in arms[ref]) / len(arms[ref])
+        hits_reward = {arm: [steps_to(c, final_reward) for c in curves] for arm, curves in smooth.items()}
+        hits_acc = {arm: [next((k for k in sorted(e) if e[k] >= final_acc), None) for e in map(held_out, seeds)]
+                    for arm, seeds in arms.items()}
+        d_ref, g_ref = deltas(arms[ref], "acc_before", "acc_after"), deltas(arms[ref], "greedy_before", "greedy_after")
+        rows = {}
         for arm, seeds in arms.items():
-            d = [r["summary"]["acc_after"] - r["summary"]["acc_before"] for r in seeds]
-            d_ref = [r["summary"]["acc_after"] - r["summary"]["acc_before"] for r in arms[ref]]
-            g = [r["summary"]["greedy_after"] - r["summary"]["greedy_before"] for r in seeds]
-            g_ref = [r["summary"]["greedy_after"] - r["summary"]["greedy_before"] for r in arms[ref]]
-            hit_r = [steps_to(s, final_reward) for s in smooth[arm]]
-            hit_a = [next((k for k in sorted(e) if e[k] >= final_acc), None) for e in evals[arm]]
-            eff_r = [(r0 / r1) if (r0 and r1) else None for r0, r1 in zip([steps_to(s, final_reward) for s in smooth[ref]], hit_r)]
-            eff_a = [(a0 / a1) if (a0 and a1) else None for a0, a1 in
-                     zip([next((k for k in sorted(e) if e[k] >= final_acc), None) for e in evals[ref]], hit_a)]
+            d, g = deltas(seeds, "acc_before", "acc_after"), deltas(seeds, "greedy_before", "greedy_after")
+            hit_r, hit_a = hits_reward[arm], hits_acc[arm]
+            eff_r, eff_a = ratios(hits_reward[ref], hit_r), ratios(hits_acc[ref], hit_a)
             f1 = [r["summary"].get("eval_step_f1") for r in seeds]
             auc = [r["summary"].get("eval_step_auroc") for r in seeds]
             rows[arm] = {"seeds": len(seeds), "acc_before": ms([r["summary"]["acc_before"] for r in seeds]),
@@ -680,10 +682,11 @@ def sweep_main(argv, run):
     lengths = sorted({int(x) for x in args.lengths.split(",")})
     if not lengths or lengths[0] < 1:
         raise ConfigError(f"--lengths: steps per chain must be >= 1, got {args.lengths}")
-    if args.ref not in [arm_flags(a)[0] for a in args.arms.split(",")]:
+    check_at_least_one(seeds=args.seeds, window=args.window)
+    names = [arm_flags(a)[0] for a in args.arms.split(",")]
+    if args.ref not in names:
         raise ConfigError(f"--ref: {args.ref!r} is not one of --arms {args.arms}")
     folder = os.path.join(args.out_dir, args.name)
-    names = [arm_flags(a)[0] for a in args.arms.split(",")]
     if not args.report_only:
         models_ = chain_sft(lengths, args.sft_seed, common, args.out_dir)
         for n in lengths:
@@ -695,10 +698,10 @@ def sweep_main(argv, run):
     results = {}  # per length, the arms whose every seed is finished (the reference's must be)
     for n in lengths:
         sub = os.path.join(folder, f"len{n}")
-        done = [a for a in names if all(os.path.exists(os.path.join(sub, f"{a}-s{s}", "summary.json"))
+        done = [a for a in names if all(finished_summary(os.path.join(sub, f"{a}-s{s}")) is not None
                                         for s in range(args.seeds))]
         if args.ref in done:
-            results[n] = {a: sweep_runs(sub, a, args.seeds) for a in done}
+            results[n] = {a: [read_run(os.path.join(sub, f"{a}-s{s}")) for s in range(args.seeds)] for a in done}
         missing = [a for a in names if a not in done]
         if missing:
             print(f"chains of {n} steps: {', '.join(missing)} not finished for every seed; left out of the figure")

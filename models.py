@@ -466,6 +466,11 @@ def compute_dtype(device):
     return torch.float32 if device == "cpu" else torch.bfloat16
 
 
+def run_device(cfg):
+    """The device a run uses: --device, where `auto` is CUDA when there is a GPU, else the CPU."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+
 def load_base(path, device, cfg):
     """The frozen base and its tokenizer: fp32 on the CPU, bf16 on a GPU, or 4-bit NF4.
 

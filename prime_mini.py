@@ -71,7 +71,7 @@ from checkpoints import (latest_checkpoint, load_checkpoint, load_prm_init, make
                          write_json)
 from config import check_run_dir_free, new_run_dir, parse_config, print_memory_plan, saved_config
 from evaluation import answered, drop_warning, evaluate, held_out_step_truth, start_report, step_truth
-from models import ConfigError, add_adapters, adapter_params, load_base
+from models import ConfigError, add_adapters, adapter_params, load_base, run_device
 from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd, pad_cat, token_logprobs
 from sft import sft_path, sft_warmup
 from tasks import (check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, oracle_process_rewards,
@@ -335,7 +335,7 @@ def run(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = run_device(cfg)
     run_dir = cfg.resume or new_run_dir(cfg)  # an existing run folder is refused before anything is built
     # Read and check all data before building anything expensive.
     train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
