@@ -537,7 +537,8 @@ def chain_main(argv):
     lo, hi = min(r[2] for r in rows), max(r[2] for r in rows)
     print(f"band over {len(rows)} SFT seeds: sampled {lo:.3f}-{hi:.3f}, greedy "
           f"{min(r[3] for r in rows):.3f}-{max(r[3] for r in rows):.3f}")
-    print("a run of this length: python prime_mini.py " + " ".join(chain_flags(args.n_ops, rows[0][4]) or ["(no flags)"]))
+    run_flags = common + chain_flags(args.n_ops, rows[0][4])  # the SFT seed's flags and its curriculum model
+    print(f"a run of this length (SFT seed {rows[0][0]}): python prime_mini.py " + (" ".join(run_flags) or "(no flags)"))
     return rows
 
 

@@ -121,3 +121,17 @@ def test_sweep_runs_every_length_and_draws_the_figure(tmp_path):
     prime_mini.main(argv + ["--report-only"])
     out = json.load(open(folder / "sweep.json"))
     assert list(out["lengths"]["5"]["arms"]) == ["outcome"] and list(out["lengths"]["2"]["arms"]) == ["outcome", "oracle"]
+
+
+def test_chain_builds_each_sft_seeds_model_and_prints_its_band_and_run_flags(tmp_path, capsys):
+    rows = experiments.chain_main(["--n-ops", "5", "--sft-seeds", "0,1", "--out-dir", str(tmp_path)] + MICRO)
+    assert [r[0] for r in rows] == [0, 1] and all(r[1] == 10 for r in rows)  # --sft-steps 10, no stopping rule
+    assert rows[0][4] != rows[1][4] and all(os.path.exists(os.path.join(r[4], "done")) for r in rows)
+    for _, _, sampled, greedy, _ in rows:
+        assert 0.0 <= sampled <= 1.0 and 0.0 <= greedy <= 1.0
+    out = capsys.readouterr().out
+    assert "band over 2 SFT seeds" in out and "| 1 | 10 |" in out
+    flags = out.split("python prime_mini.py ")[-1].split()
+    cfg = parse_config(flags + ["--run-name", "x"])  # the printed command is a run of 5 steps on that model
+    assert cfg.data == "data/arith5_rl.jsonl" and cfg.max_new_tokens == 76 and cfg.sft_init == rows[0][4]
+    assert cfg.tiny_hidden == 32
