@@ -528,16 +528,16 @@ def chain_main(argv):
         sampled = evaluate(base, tok, test, cfg, device, False, "eval (sampled)")
         greedy = evaluate(base, tok, test, cfg, device, True, "eval (greedy)")
         info = json.load(open(os.path.join(path, "done")))
-        rows.append((seed, info.get("steps"), sampled, greedy, path))
+        rows.append((seed, info.get("steps"), sampled, greedy, path, flags))
         print(f"SFT seed {seed}: {info.get('steps')} steps, held-out sampled {sampled:.3f} | greedy {greedy:.3f} ({path})")
     print(f"\nchains of {args.n_ops} steps ({len(test)} held-out prompts, {cfg.eval_samples} samples each)")
     print("| SFT seed | SFT steps | held-out sampled | held-out greedy |\n|---|---|---|---|")
-    for seed, n, s, g, _ in rows:
+    for seed, n, s, g, _, _ in rows:
         print(f"| {seed} | {n} | {s:.3f} | {g:.3f} |")
     lo, hi = min(r[2] for r in rows), max(r[2] for r in rows)
     print(f"band over {len(rows)} SFT seeds: sampled {lo:.3f}-{hi:.3f}, greedy "
           f"{min(r[3] for r in rows):.3f}-{max(r[3] for r in rows):.3f}")
-    run_flags = common + chain_flags(args.n_ops, rows[0][4])  # the SFT seed's flags and its curriculum model
+    run_flags = common + rows[0][5] + (["--out-dir", args.out_dir] if args.out_dir != "runs" else [])  # the flags its SFT model was built with: --sft-init names the previous length's
     print(f"a run of this length (SFT seed {rows[0][0]}): python prime_mini.py " + (" ".join(run_flags) or "(no flags)"))
     return rows
 
@@ -661,6 +661,25 @@ def sweep_plot(table, ref, path):
     plt.close(fig)
 
 
+def merged_lengths(path, ref, window, have):
+    """The table rows of an earlier sweep (its sweep.json) for the lengths not in `have`: a sweep
+    can add a length to one whose runs are gone. The earlier sweep must share `ref` and `window`."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--merge: {path} does not exist")
+    try:
+        old = json.load(open(path))
+        lengths = {int(n): t for n, t in old["lengths"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"--merge: {path} is not a sweep.json ({type(e).__name__}: {e})") from None
+    if (old.get("ref"), old.get("window")) != (ref, window):
+        raise ConfigError(f"--merge: {path} measured against --ref {old.get('ref')} with --window {old.get('window')}, "
+                          f"this sweep against --ref {ref} with --window {window}")
+    taken = {n: t for n, t in lengths.items() if n not in have}
+    if taken:
+        print(f"from {path}: chains of {', '.join(map(str, sorted(taken)))} steps")
+    return taken
+
+
 def sweep_main(argv, run):
     """`python prime_mini.py sweep --lengths 4,8,16 --arms outcome,oracle,prime --seeds 3 [compare and
     run flags]`: the SFT model of every length (chain_sft: a curriculum from 4 steps; SFT seed
@@ -678,7 +697,11 @@ def sweep_main(argv, run):
     ap.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every this many steps")
     ap.add_argument("--window", type=int, default=10, help="steps in the trailing mean of the training reward")
     ap.add_argument("--sft-seed", type=int, default=0, help="SFT seed of every length's starting model")
+    ap.add_argument("--via", default="", help="lengths the SFT curriculum also passes through, without RL runs "
+                                              "(e.g. --lengths 16 --via 8: the model of chain --n-ops 16 --via 8)")
     ap.add_argument("--report-only", action="store_true", help="only redraw the figure and table from finished lengths")
+    ap.add_argument("--merge", default="", help="an earlier sweep.json whose lengths join the figure and table, "
+                                                "where this folder has no finished runs of them (same --ref and --window)")
     args, common = ap.parse_known_args(argv)
     lengths = sorted({int(x) for x in args.lengths.split(",")})
     if not lengths or lengths[0] < 1:
@@ -689,7 +712,8 @@ def sweep_main(argv, run):
         raise ConfigError(f"--ref: {args.ref!r} is not one of --arms {args.arms}")
     folder = os.path.join(args.out_dir, args.name)
     if not args.report_only:
-        models_ = chain_sft(lengths, args.sft_seed, common, args.out_dir)
+        via = [int(x) for x in args.via.split(",") if x]
+        models_ = chain_sft(sorted(set(lengths + via)), args.sft_seed, common, args.out_dir)
         for n in lengths:
             print(f"\n##### chains of {n} steps #####")
             compare_main(common + models_[n][0] + ["--sft-seed", str(args.sft_seed), "--arms", args.arms,
@@ -706,13 +730,15 @@ def sweep_main(argv, run):
         missing = [a for a in names if a not in done]
         if missing:
             print(f"chains of {n} steps: {', '.join(missing)} not finished for every seed; left out of the figure")
-    if not results:
+    earlier = merged_lengths(args.merge, args.ref, args.window, set(results)) if args.merge else {}
+    if not results and not earlier:
         raise ConfigError(f"sweep: no length in {folder} has all the seeds of --ref {args.ref} finished")
-    table = sweep_table(results, args.ref, args.window)
+    table = dict(sorted({**earlier, **sweep_table(results, args.ref, args.window)}.items()))
     md = sweep_markdown(table, args.ref, args.window)
     sweep_plot(table, args.ref, os.path.join(folder, "sweep.png"))
     open(os.path.join(folder, "sweep.md"), "w").write(md + "\n")
-    json.dump({"ref": args.ref, "window": args.window, "common_flags": common, "lengths": table},
+    json.dump({"ref": args.ref, "window": args.window, "common_flags": common, "lengths": table,
+               "merged": {str(n): args.merge for n in earlier}},
               open(os.path.join(folder, "sweep.json"), "w"), indent=1)
     print("\n" + md + f"\n\nfigure and table in {folder}/ (sweep.png, sweep.md, sweep.json)")
     return table

@@ -73,7 +73,7 @@ from config import check_run_dir_free, new_run_dir, parse_config, print_memory_p
 from evaluation import answered, drop_warning, evaluate, held_out_step_truth, start_report, step_truth
 from models import ConfigError, add_adapters, adapter_params, load_base, run_device
 from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd, pad_cat, token_logprobs
-from sft import sft_path, sft_warmup
+from sft import SHIPPED_SFT, sft_path, sft_warmup
 from tasks import (check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, oracle_process_rewards,
                    prompt_text, verify_batch)
 
@@ -178,7 +178,8 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm, labelled=None):
     rewards come from the PRM before it saw this batch (mini-batch by mini-batch, as [O]).
     Double-forward: after the update, q is recomputed with the updated PRM. `none`: no update.
     Returns q (B, T) and stats, including the pairwise accuracy on this fresh batch before the
-    update (does the PRM generalise?) and after it. With the batch's step labels (`labelled`,
+    update (does the PRM generalise?) and, with double-forward, after it (single-forward makes no
+    forward for that statistic alone). With the batch's step labels (`labelled`,
     tasks.label_batch), also whether the fresh rewards point at the step that went wrong (step_*).
     """
     model.set_adapter("prm")  # the PRM adapter is active and trainable, the policy's is frozen
@@ -204,12 +205,10 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm, labelled=None):
     stats = {"prm_loss": sum(losses), "prm_acc_fresh": prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)}
     if labelled:
         stats.update(step_truth(labelled, cfg.beta * q))  # (B, T) β·q_t before the update
-    if cfg.prm_update != "none":
+    if cfg.prm_update == "double":  # single: no forward whose only use would be the ranking after the update
         logp_phi = logprobs_nograd(model, batch, micro, cfg.logprob_chunk)  # (B, T) the updated PRM
-        q_after = prm.implicit_rewards(logp_phi, logp_ref, batch.mask)  # (B, T)
-        stats["prm_acc_after"] = prm.pairwise_accuracy(q_after, batch.r_o, batch.mask, K)
-        if cfg.prm_update == "double":
-            q = q_after
+        q = prm.implicit_rewards(logp_phi, logp_ref, batch.mask)  # (B, T)
+        stats["prm_acc_after"] = prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)
     return q, stats
 
 
@@ -276,7 +275,7 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
 def fmt_step(step, cfg, m):
     s = (f"step {step}/{cfg.steps} | acc {m['acc']:.3f} | kept {m['kept']}/{cfg.P} | ")
     if "prm_loss" in m:
-        s += f"prm_loss {m['prm_loss']:.3f} | prm_acc {m['prm_acc_fresh']:.2f}->{m.get('prm_acc_after', float('nan')):.2f} | "
+        s += f"prm_loss {m['prm_loss']:.3f} | prm_acc {m['prm_acc_fresh']:.2f}" + (f"->{m['prm_acc_after']:.2f}" if "prm_acc_after" in m else "") + " | "
     if "step_f1" in m:  # the fresh rewards against the step labels: first-error F1, step AUROC
         s += f"step F1 {m['step_f1']:.2f} auc {m.get('step_auroc', float('nan')):.2f} | "
     if cfg.reward_mode != "outcome":
@@ -318,6 +317,9 @@ def resumed_base(cfg):
             raise ConfigError(f"--resume: {where} says the run was trained on {base!r}, but its model is {cfg.model!r}")
         return base
     path = sft_path(cfg)  # where this run's settings keep the SFT model (the key of those settings)
+    shipped = os.path.join(SHIPPED_SFT, os.path.basename(path))
+    if base and os.path.dirname(os.path.normpath(base)) == os.path.dirname(shipped):
+        path = shipped  # trained on the shipped model of these settings
     if not base or os.path.basename(os.path.normpath(base)) != os.path.basename(path):
         raise ConfigError(f"--resume: {where} says the run was trained on the SFT model {base!r}, but its settings give "
                           f"{path} (other SFT settings, or a version that keys the cache otherwise): its adapters fit "

@@ -1,11 +1,13 @@
 """The SFT warm-up of the embedded default: trains the tiny base from scratch, and caches it.
 
-PRIME starts RL from an SFT model (the paper's is Eurus-2-7B-SFT). The embedded default has none to
-download, so it trains a 0.8M-parameter Qwen2 on the task's worked solutions until greedy
-accuracy on validation prompts reaches `--sft-target` (docs/RESULTS.md, "The embedded default": why a
-stopping rule instead of a fixed step count). The result is cached under
-OUT_DIR/sft/<hash of the settings>, so RL seeds and arms share one starting model. Runs started
-together take turns (a file lock): the first trains it, the others wait and reuse it.
+PRIME starts RL from an SFT model (the paper's is Eurus-2-7B-SFT). The embedded default ships
+its own: data/sft/<hash of the settings>/ is the model that this warm-up trained (seed 0), so
+every machine starts RL from the same weights. Other settings (or --retrain-sft) train a
+0.8M-parameter Qwen2 on the task's worked solutions until greedy accuracy on validation prompts
+reaches `--sft-target` (docs/RESULTS.md, "The embedded default": why a stopping rule instead of a
+fixed step count). The result is cached under OUT_DIR/sft/<hash of the settings>, so RL seeds and
+arms share one starting model. Runs started together take turns (a file lock): the first trains
+it, the others wait and reuse it. scripts/ship_sft.py regenerates the shipped model.
 
 It must not touch: adapters or the RL loop; runs with `--model` never call it.
 """
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 from checkpoints import replace_folder
 from evaluation import evaluate
 from models import CHARS, ConfigError, build_char_tokenizer, build_tiny_model, building, save_tokenizer
-from tasks import load_rows, prompt_text, resolve
+from tasks import HERE, load_rows, prompt_text, resolve
 
 def sft_key(cfg):
     keys = ["tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate", "sft_steps", "sft_batch",
@@ -32,6 +34,15 @@ def sft_key(cfg):
     for path in (cfg.sft_data, cfg.sft_val_data) if cfg.sft_target else (cfg.sft_data,):
         blob += hashlib.sha256(open(resolve(path), "rb").read()).hexdigest()
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+SHIPPED_SFT = os.path.join(HERE, "data", "sft")  # the released SFT models, one folder per key (scripts/ship_sft.py)
+
+
+def shipped_sft(cfg):
+    """The shipped SFT model that these settings give (data/sft/<sft_key>), or None if none ships."""
+    path = os.path.join(SHIPPED_SFT, sft_key(cfg))
+    return path if os.path.exists(os.path.join(path, "done")) else None
 
 
 def sft_path(cfg):
@@ -51,8 +62,18 @@ def sft_warmup(cfg, device):
 
     One process at a time builds a given folder (a lock file next to it): a second run started
     meanwhile waits, then reuses the first's model. Each writes into a temporary folder of its
-    own and renames it into place."""
+    own and renames it into place.
+
+    Which model: OUT_DIR/sft/<key> when it exists (one this machine trained, for example with
+    --retrain-sft), else the shipped data/sft/<key>, else one trained now. --retrain-sft always
+    trains (into OUT_DIR/sft/<key>)."""
     path = sft_path(cfg)
+    shipped = shipped_sft(cfg)
+    if shipped and not cfg.retrain_sft and not os.path.exists(os.path.join(path, "done")):
+        info = json.load(open(os.path.join(shipped, "done")))
+        print(f"SFT model: the shipped one, {os.path.relpath(shipped)} (the warm-up of these settings, trained "
+              f"{info.get('steps', '?')} steps; --retrain-sft to train your own)")
+        return shipped
     with building(path):  # waits while another run trains this model; removes what killed ones left
         if os.path.exists(os.path.join(path, "done")) and not cfg.retrain_sft:
             info = json.load(open(os.path.join(path, "done")))
@@ -129,7 +150,8 @@ def train_sft(cfg, device, path):
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path))
     model.save_pretrained(tmp)
     save_tokenizer(tok, tmp)
-    open(os.path.join(tmp, "done"), "w").write(json.dumps({"loss": loss.item(), "steps": steps, "val_greedy": val_acc}))
+    open(os.path.join(tmp, "done"), "w").write(json.dumps({"loss": loss.item(), "steps": steps, "val_greedy": val_acc,
+                                                                 "threads": torch.get_num_threads()}))
     replace_folder(tmp, path)
     val = f", validation greedy accuracy {val_acc:.3f}" if val_acc is not None else ""
     print(f"SFT model saved to {path} after {steps} steps (last loss {loss.item():.3f}{val})")

@@ -109,6 +109,8 @@ def test_sweep_runs_every_length_and_draws_the_figure(tmp_path):
     assert cfg2["sft_init"] == ""  # up to 4 steps from scratch
     assert cfg5["sft_init"] and os.path.basename(cfg5["sft_init"]) == os.path.basename(  # 5 starts from 4's model
         experiments.chain_sft([4], 0, MICRO, str(tmp_path))[4][1])
+    models_ = experiments.chain_sft([5, 6], 0, MICRO, str(tmp_path))  # as sweep --lengths 6 --via 5
+    assert os.path.basename(models_[6][0][-1]) == os.path.basename(models_[5][1]), "6 starts from 5s model"
     out = json.load(open(folder / "sweep.json"))
     assert sorted(out["lengths"]) == ["2", "5"] and os.path.getsize(folder / "sweep.png") > 0
     assert "| 5 | oracle | 1 |" in open(folder / "sweep.md").read()
@@ -121,17 +123,30 @@ def test_sweep_runs_every_length_and_draws_the_figure(tmp_path):
     prime_mini.main(argv + ["--report-only"])
     out = json.load(open(folder / "sweep.json"))
     assert list(out["lengths"]["5"]["arms"]) == ["outcome"] and list(out["lengths"]["2"]["arms"]) == ["outcome", "oracle"]
+    # --merge: the lengths of an earlier sweep.json that this folder has no runs of join the table.
+    earlier = {**out, "lengths": {"2": "not taken: this folder has length 2", "9": out["lengths"]["2"]}}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    prime_mini.main(argv + ["--report-only", "--merge", str(tmp_path / "earlier.json")])
+    merged = json.load(open(folder / "sweep.json"))
+    assert sorted(merged["lengths"], key=int) == ["2", "5", "9"] and merged["lengths"]["2"] == out["lengths"]["2"]
+    assert merged["lengths"]["9"] == out["lengths"]["2"] and merged["merged"] == {"9": str(tmp_path / "earlier.json")}
+    assert "| 9 | oracle | 1 |" in open(folder / "sweep.md").read()
+    with pytest.raises(ConfigError, match="--merge: .* with --window 1, this sweep against --ref outcome with --window 3"):
+        experiments.sweep_main(argv[1:-len(MICRO) - 2] + ["--window", "3", "--steps", "2"] + MICRO + [
+            "--report-only", "--merge", str(tmp_path / "earlier.json")], prime_mini.run)
 
 
 def test_chain_builds_each_sft_seeds_model_and_prints_its_band_and_run_flags(tmp_path, capsys):
     rows = experiments.chain_main(["--n-ops", "5", "--sft-seeds", "0,1", "--out-dir", str(tmp_path)] + MICRO)
     assert [r[0] for r in rows] == [0, 1] and all(r[1] == 10 for r in rows)  # --sft-steps 10, no stopping rule
     assert rows[0][4] != rows[1][4] and all(os.path.exists(os.path.join(r[4], "done")) for r in rows)
-    for _, _, sampled, greedy, _ in rows:
+    for _, _, sampled, greedy, _, _ in rows:
         assert 0.0 <= sampled <= 1.0 and 0.0 <= greedy <= 1.0
     out = capsys.readouterr().out
     assert "band over 2 SFT seeds" in out and "| 1 | 10 |" in out
     flags = out.split("python prime_mini.py ")[-1].split()
     cfg = parse_config(flags + ["--run-name", "x"])  # the printed command is a run of 5 steps on that model
-    assert cfg.data == "data/arith5_rl.jsonl" and cfg.max_new_tokens == 76 and cfg.sft_init == rows[0][4]
+    assert cfg.data == "data/arith5_rl.jsonl" and cfg.max_new_tokens == 76
+    import sft  # the printed run's settings give the 5-step model (its --sft-init is the 4-step one it started from)
+    assert sft.sft_path(cfg) == rows[0][4] and cfg.sft_init != rows[0][4]
     assert cfg.tiny_hidden == 32

@@ -401,6 +401,9 @@ def test_resume_stops_when_the_base_it_was_trained_on_is_gone_or_is_not_what_its
     (runs / "sft" / key).mkdir(parents=True)
     (runs / "sft" / key / "done").write_text("{}")
     assert pm.resumed_base(cfg) == str(runs / "sft" / key)
+    shipped = os.path.join(sft.SHIPPED_SFT, key)  # a run that started from the shipped model goes on with it
+    write_config(run, out_dir=str(runs), base_path=shipped, show_progress=False)
+    assert pm.resumed_base(config.parse_config(["--resume", str(run)])) == shipped
     write_config(run, out_dir=str(runs), base_path=str(runs / "sft" / "0123456789"))  # other SFT settings
     with pytest.raises(models.ConfigError, match=r"trained on the SFT model .*0123456789', but its settings give"):
         pm.resumed_base(config.parse_config(["--resume", str(run)]))

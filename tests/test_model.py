@@ -382,6 +382,39 @@ def test_two_runs_started_together_share_one_sft_model_and_neither_removes_what_
     assert sorted(os.listdir(tmp_path / "sft")) == [sft.sft_key(cfg), sft.sft_key(cfg) + ".lock"], "no temporary folder left"
 
 
+def test_the_shipped_sft_model_is_the_warm_up_of_the_default_settings():
+    """data/sft/ holds one model, under the key the default settings give today: a change to the
+    warm-up's settings, its data or its tokenizer changes the key and fails this test until
+    scripts/ship_sft.py has trained and shipped the model of the new settings."""
+    cfg = config.parse_config([])
+    key, shipped = sft.sft_key(cfg), sorted(os.listdir(sft.SHIPPED_SFT))
+    assert shipped == [key], (f"data/sft/ holds {shipped}, but the default settings' SFT key is {key}: "
+                              "regenerate it with python scripts/ship_sft.py (README, The embedded default)")
+    path = sft.shipped_sft(cfg)
+    info = json.load(open(os.path.join(path, "done")))
+    assert info["val_greedy"] >= cfg.sft_target, "the shipped warm-up reached its stopping rule"
+    base, tok_ = models.load_base(path, "cpu", cfg)
+    c = base.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (
+        cfg.tiny_hidden, cfg.tiny_layers, cfg.tiny_heads, cfg.tiny_intermediate)
+    assert tok_.get_vocab() == models.build_char_tokenizer().get_vocab(), "the tokenizer the warm-up builds"
+
+
+def test_a_run_starts_from_the_shipped_model_unless_its_own_exists_or_retrain_sft(tmp_path, monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(sft, "train_sft", lambda cfg, device, path: trained.append(path) or path)
+    cfg = config.parse_config(["--out-dir", str(tmp_path)])
+    assert sft.sft_warmup(cfg, "cpu") == sft.shipped_sft(cfg) and not trained
+    assert "SFT model: the shipped one" in capsys.readouterr().out
+    cfg.retrain_sft = True
+    assert sft.sft_warmup(cfg, "cpu") == sft.sft_path(cfg) and trained == [sft.sft_path(cfg)]
+    cfg.retrain_sft = False  # a model of its own under --out-dir, for example a --retrain-sft one, comes first
+    os.makedirs(sft.sft_path(cfg))
+    open(os.path.join(sft.sft_path(cfg), "done"), "w").write("{}")
+    assert sft.sft_warmup(cfg, "cpu") == sft.sft_path(cfg) and len(trained) == 1
+    assert sft.shipped_sft(tiny_cfg()) is None, "other settings: nothing ships, the warm-up trains"
+
+
 def test_sft_cache_key_changes_with_the_stopping_rule():
     keys = {sft.sft_key(tiny_cfg(sft_target=t, sft_check_every=c)) for t, c in [(0.6, 25), (0.5, 25), (0.6, 10), (0.0, 25)]}
     assert len(keys) == 4

@@ -1,0 +1,53 @@
+"""Regenerate the SFT model that ships with the project (data/sft/<key>/, README "The embedded default").
+
+    python scripts/ship_sft.py [--threads 1] [run flags]
+
+Trains the embedded default's SFT warm-up for these settings (seed 0 unless --sft-seed says
+otherwise) into OUT_DIR/sft/<key>, or reuses the one there, then copies it to data/sft/<key>,
+where every run with these settings starts from it. Shipped models of other keys (stale: the
+warm-up's settings changed) are listed and removed; git keeps the old ones. tests/test_model.py
+fails while the shipped key differs from the default settings' key.
+"""
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from config import parse_config  # noqa: E402
+from models import building, run_device  # noqa: E402
+from sft import SHIPPED_SFT, sft_key, sft_path, train_sft  # noqa: E402
+
+def main(argv):
+    cfg = parse_config(argv)
+    if cfg.model:
+        raise SystemExit("error: --model: only the embedded default's SFT model ships (data/sft/)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    key, path = sft_key(cfg), sft_path(cfg)
+    with building(path):  # the warm-up's lock: not while a run trains this model
+        if os.path.exists(os.path.join(path, "done")) and not cfg.retrain_sft:
+            print(f"reusing {path} (--retrain-sft to train it again)")
+        else:
+            train_sft(cfg, run_device(cfg), path)
+    dest = os.path.join(SHIPPED_SFT, key)
+    os.makedirs(SHIPPED_SFT, exist_ok=True)
+    for old in sorted(os.listdir(SHIPPED_SFT)):
+        if old != key:
+            print(f"removing the shipped model of other settings: {os.path.join(SHIPPED_SFT, old)}")
+            shutil.rmtree(os.path.join(SHIPPED_SFT, old))
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    os.makedirs(dest)
+    for name in sorted(os.listdir(path)):  # the model, its tokenizer and `done` (steps, loss, threads)
+        shutil.copy2(os.path.join(path, name), dest)
+    info = json.load(open(os.path.join(dest, "done")))
+    print(f"shipped: {dest} ({info.get('steps')} SFT steps at {info.get('threads', '?')} thread(s), validation "
+          f"greedy {info.get('val_greedy')}); commit data/sft/")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
