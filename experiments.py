@@ -537,7 +537,8 @@ def chain_main(argv):
     lo, hi = min(r[2] for r in rows), max(r[2] for r in rows)
     print(f"band over {len(rows)} SFT seeds: sampled {lo:.3f}-{hi:.3f}, greedy "
           f"{min(r[3] for r in rows):.3f}-{max(r[3] for r in rows):.3f}")
-    run_flags = common + rows[0][5] + (["--out-dir", args.out_dir] if args.out_dir != "runs" else [])  # the flags its SFT model was built with: --sft-init names the previous length's
+    # The flags its SFT model was built with (--sft-init names the previous length's model), and where it is kept.
+    run_flags = common + rows[0][5] + (["--out-dir", args.out_dir] if args.out_dir != "runs" else [])
     print(f"a run of this length (SFT seed {rows[0][0]}): python prime_mini.py " + (" ".join(run_flags) or "(no flags)"))
     return rows
 
@@ -706,13 +707,15 @@ def sweep_main(argv, run):
     lengths = sorted({int(x) for x in args.lengths.split(",")})
     if not lengths or lengths[0] < 1:
         raise ConfigError(f"--lengths: steps per chain must be >= 1, got {args.lengths}")
+    via = [int(x) for x in args.via.split(",") if x]
+    if any(v < 1 for v in via):
+        raise ConfigError(f"--via: steps per chain must be >= 1, got {args.via}")
     check_at_least_one(seeds=args.seeds, window=args.window)
     names = [arm_flags(a)[0] for a in args.arms.split(",")]
     if args.ref not in names:
         raise ConfigError(f"--ref: {args.ref!r} is not one of --arms {args.arms}")
     folder = os.path.join(args.out_dir, args.name)
     if not args.report_only:
-        via = [int(x) for x in args.via.split(",") if x]
         models_ = chain_sft(sorted(set(lengths + via)), args.sft_seed, common, args.out_dir)
         for n in lengths:
             print(f"\n##### chains of {n} steps #####")

@@ -275,7 +275,8 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
 def fmt_step(step, cfg, m):
     s = (f"step {step}/{cfg.steps} | acc {m['acc']:.3f} | kept {m['kept']}/{cfg.P} | ")
     if "prm_loss" in m:
-        s += f"prm_loss {m['prm_loss']:.3f} | prm_acc {m['prm_acc_fresh']:.2f}" + (f"->{m['prm_acc_after']:.2f}" if "prm_acc_after" in m else "") + " | "
+        after = f"->{m['prm_acc_after']:.2f}" if "prm_acc_after" in m else ""  # double-forward only
+        s += f"prm_loss {m['prm_loss']:.3f} | prm_acc {m['prm_acc_fresh']:.2f}{after} | "
     if "step_f1" in m:  # the fresh rewards against the step labels: first-error F1, step AUROC
         s += f"step F1 {m['step_f1']:.2f} auc {m.get('step_auroc', float('nan')):.2f} | "
     if cfg.reward_mode != "outcome":

@@ -74,6 +74,11 @@ def sft_warmup(cfg, device):
         print(f"SFT model: the shipped one, {os.path.relpath(shipped)} (the warm-up of these settings, trained "
               f"{info.get('steps', '?')} steps; --retrain-sft to train your own)")
         return shipped
+    return cached_or_trained(cfg, device, path)
+
+
+def cached_or_trained(cfg, device, path):
+    """The SFT model in `path` (OUT_DIR/sft/<key>), trained now if it is not there or --retrain-sft."""
     with building(path):  # waits while another run trains this model; removes what killed ones left
         if os.path.exists(os.path.join(path, "done")) and not cfg.retrain_sft:
             info = json.load(open(os.path.join(path, "done")))
@@ -150,8 +155,8 @@ def train_sft(cfg, device, path):
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp", dir=os.path.dirname(path))
     model.save_pretrained(tmp)
     save_tokenizer(tok, tmp)
-    open(os.path.join(tmp, "done"), "w").write(json.dumps({"loss": loss.item(), "steps": steps, "val_greedy": val_acc,
-                                                                 "threads": torch.get_num_threads()}))
+    info = {"loss": loss.item(), "steps": steps, "val_greedy": val_acc, "threads": torch.get_num_threads()}
+    open(os.path.join(tmp, "done"), "w").write(json.dumps(info))
     replace_folder(tmp, path)
     val = f", validation greedy accuracy {val_acc:.3f}" if val_acc is not None else ""
     print(f"SFT model saved to {path} after {steps} steps (last loss {loss.item():.3f}{val})")

@@ -18,8 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from config import parse_config  # noqa: E402
-from models import building, run_device  # noqa: E402
-from sft import SHIPPED_SFT, sft_key, sft_path, train_sft  # noqa: E402
+from models import run_device  # noqa: E402
+from sft import SHIPPED_SFT, cached_or_trained, sft_key, sft_path  # noqa: E402
+
 
 def main(argv):
     cfg = parse_config(argv)
@@ -28,12 +29,11 @@ def main(argv):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     key, path = sft_key(cfg), sft_path(cfg)
-    with building(path):  # the warm-up's lock: not while a run trains this model
-        if os.path.exists(os.path.join(path, "done")) and not cfg.retrain_sft:
-            print(f"reusing {path} (--retrain-sft to train it again)")
-        else:
-            train_sft(cfg, run_device(cfg), path)
     dest = os.path.join(SHIPPED_SFT, key)
+    if os.path.realpath(path) == os.path.realpath(dest):
+        raise SystemExit(f"error: --out-dir: {cfg.out_dir} keeps its SFT models in {SHIPPED_SFT}, the shipped "
+                         "folder itself: choose another --out-dir (default runs)")
+    cached_or_trained(cfg, run_device(cfg), path)
     os.makedirs(SHIPPED_SFT, exist_ok=True)
     for old in sorted(os.listdir(SHIPPED_SFT)):
         if old != key:

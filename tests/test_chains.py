@@ -110,7 +110,7 @@ def test_sweep_runs_every_length_and_draws_the_figure(tmp_path):
     assert cfg5["sft_init"] and os.path.basename(cfg5["sft_init"]) == os.path.basename(  # 5 starts from 4's model
         experiments.chain_sft([4], 0, MICRO, str(tmp_path))[4][1])
     models_ = experiments.chain_sft([5, 6], 0, MICRO, str(tmp_path))  # as sweep --lengths 6 --via 5
-    assert os.path.basename(models_[6][0][-1]) == os.path.basename(models_[5][1]), "6 starts from 5s model"
+    assert os.path.basename(models_[6][0][-1]) == os.path.basename(models_[5][1]), "6 starts from 5's model"
     out = json.load(open(folder / "sweep.json"))
     assert sorted(out["lengths"]) == ["2", "5"] and os.path.getsize(folder / "sweep.png") > 0
     assert "| 5 | oracle | 1 |" in open(folder / "sweep.md").read()
