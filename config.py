@@ -476,10 +476,11 @@ def check_lora_targets(cfg):
                           f"(it has {', '.join(linear)})")
 
 
-def new_run_dir(cfg):
-    """The folder a new run writes: OUT_DIR/RUN_NAME (default <time>-<reward_mode>-s<seed>), refused
-    when it exists already (check_run_dir_free)."""
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.reward_mode}-s{cfg.seed}"
+def new_run_dir(cfg, stamp=None):
+    """The folder a new run writes: OUT_DIR/RUN_NAME (default <time>-<reward_mode>-s<seed>, the time
+    `stamp` when given: every rank of a torchrun job takes rank 0's), refused when it exists
+    already (check_run_dir_free)."""
+    name = cfg.run_name or (stamp or time.strftime("%Y%m%d-%H%M%S")) + f"-{cfg.reward_mode}-s{cfg.seed}"
     return check_run_dir_free(os.path.join(cfg.out_dir, name))
 
 

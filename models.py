@@ -491,7 +491,8 @@ def load_base(path, device, cfg):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device if device == "cpu" else 0}  # bitsandbytes quantizes while it places
+        # bitsandbytes quantizes while it places: on this rank's own GPU (cuda:LOCAL_RANK under torchrun)
+        kwargs["device_map"] = {"": device if device == "cpu" else (torch.device(device).index or 0)}
     try:
         tok = load_tokenizer(path)
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -65,6 +65,7 @@ import torch
 from tqdm.auto import tqdm
 
 import experiments
+import parallel
 import prm
 import rl
 from checkpoints import (latest_checkpoint, load_checkpoint, load_prm_init, make_logger, replace_folder, save_checkpoint,
@@ -72,7 +73,7 @@ from checkpoints import (latest_checkpoint, load_checkpoint, load_prm_init, make
 from config import check_run_dir_free, new_run_dir, parse_config, print_memory_plan, saved_config
 from evaluation import answered, drop_warning, evaluate, held_out_step_truth, start_report, step_truth
 from models import ConfigError, add_adapters, adapter_params, load_base, run_device
-from sampling import Rollout, decode_responses, encode_prompts, generate, logprobs_nograd, pad_cat, token_logprobs
+from sampling import Rollout, decode_responses, encode_prompts, generate, pad_cat, token_logprobs
 from sft import SHIPPED_SFT, sft_path, sft_warmup
 from tasks import (check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, oracle_process_rewards,
                    prompt_text, verify_batch)
@@ -122,16 +123,22 @@ def collect(model, tok, cfg, train_rows, stream, buffer, device):
         rows = [train_rows[i] for i in idx]
         texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows for _ in range(K)]  # K consecutive copies
         p_ids, p_mask = encode_prompts(tok, texts, device)
+        a, b = parallel.share(n)  # this rank's prompts (all of them in one process)
         t = time.time()
-        resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature, merged=cfg.merged_rollout,
-                              batch_size=cfg.gen_batch)
+        resp, mask = (generate(model, tok, p_ids[a * K:b * K], p_mask[a * K:b * K], cfg.max_new_tokens, cfg.temperature,
+                               merged=cfg.merged_rollout, batch_size=cfg.gen_batch) if b > a else
+                      (p_ids.new_zeros((0, 0)), torch.zeros((0, 0), device=device)))
         t_gen += time.time() - t
         t = time.time()
-        outs = decode_responses(tok, resp, mask)
-        r_o, why = verify_batch(rows, outs, K, cfg.verify_workers, cfg.sandbox)
+        outs = decode_responses(tok, resp, mask) if b > a else []
+        r_o, why = verify_batch(rows[a:b], outs, K, cfg.verify_workers, cfg.sandbox) if b > a else (torch.zeros(0), {})
         t_ver += time.time() - t
-        for k, v in why.items():
-            reasons[k] = reasons.get(k, 0) + v
+        # Every rank's responses, scores and failure counts: the filter below sees the whole round.
+        resp, mask = parallel.gather_rows(resp, tok.pad_token_id), parallel.gather_rows(mask, 0.0)  # (n*K, T)
+        r_o, outs = parallel.gather_rows(r_o, 0.0), parallel.gather_objects(outs)  # (n*K,)
+        for part in parallel.gather_objects([why]):
+            for k, v in part.items():
+                reasons[k] = reasons.get(k, 0) + v
         n_gen += len(outs)
         n_correct += r_o.sum().item()
         keep = rl.accuracy_filter(r_o, K, cfg.filter_low, cfg.filter_high)  # (P,)
@@ -171,6 +178,17 @@ def minibatches(n_groups, K, n):
     return bounds
 
 
+def shared_logprobs(model, batch, cfg):
+    """log-probs (B, T) of the batch's responses under the active adapter, without gradients.
+    Under torchrun each rank computes its share of the micro-batches (parallel.mine)."""
+    out = torch.zeros_like(batch.mask)  # (B, T)
+    with torch.no_grad():
+        for k, i in enumerate(range(0, batch.B, cfg.micro_batch)):
+            if parallel.mine(k):
+                out[i:i + cfg.micro_batch] = token_logprobs(model, *batch.slice(i, i + cfg.micro_batch), chunk=cfg.logprob_chunk)
+    return parallel.sum_rows(out)
+
+
 def prm_step(model, batch, logp_ref, cfg, opt_prm, labelled=None):
     """Blocks 4-5: implicit rewards q from the PRM, then its cross-entropy update (ALGORITHM.md §3).
 
@@ -184,29 +202,33 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm, labelled=None):
     """
     model.set_adapter("prm")  # the PRM adapter is active and trainable, the policy's is frozen
     B, K, micro = batch.B, cfg.K, cfg.micro_batch
-    qs, losses = [], []
+    q, loss_sum = torch.zeros_like(batch.mask), 0.0  # (B, T); under torchrun each rank fills its micro-batches' rows
     for m0, m1 in minibatches(B // K, K, cfg.prm_minibatches):  # in order, not shuffled ([O])
         if cfg.prm_update != "none":
             opt_prm.zero_grad(set_to_none=True)
-        for i in range(m0, m1, micro):
+        for k, i in enumerate(range(m0, m1, micro)):
+            if not parallel.mine(k):  # another rank's micro-batch
+                continue
             j = min(i + micro, m1)
             with torch.set_grad_enabled(cfg.prm_update != "none"):
                 logp_phi = token_logprobs(model, *batch.slice(i, j), chunk=cfg.logprob_chunk)  # (b, T)
-                q = prm.implicit_rewards(logp_phi, logp_ref[i:j], batch.mask[i:j])  # (b, T)
-                loss = prm.ce_loss(q, batch.r_o[i:j], batch.mask[i:j], cfg.beta)
+                q_ij = prm.implicit_rewards(logp_phi, logp_ref[i:j], batch.mask[i:j])  # (b, T)
+                loss = prm.ce_loss(q_ij, batch.r_o[i:j], batch.mask[i:j], cfg.beta)
             if cfg.prm_update != "none":
                 (loss * (j - i) / (m1 - m0)).backward()  # by its share of the mini-batch: the mini-batch's mean
-            qs.append(q.detach())
-            losses.append(loss.item() * (j - i) / B)
+            q[i:j] = q_ij.detach()
+            loss_sum += loss.item() * (j - i) / B
         if cfg.prm_update != "none":
+            parallel.sum_grads(opt_prm.param_groups[0]["params"])  # the whole mini-batch's gradient on every rank
             torch.nn.utils.clip_grad_norm_(opt_prm.param_groups[0]["params"], cfg.prm_grad_clip)
             opt_prm.step()
-    q = torch.cat(qs)  # (B, T)
-    stats = {"prm_loss": sum(losses), "prm_acc_fresh": prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)}
+    q = parallel.sum_rows(q)  # (B, T) every rank's rows
+    stats = {"prm_loss": parallel.sum_values([loss_sum])[0],
+             "prm_acc_fresh": prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)}
     if labelled:
         stats.update(step_truth(labelled, cfg.beta * q))  # (B, T) β·q_t before the update
     if cfg.prm_update == "double":  # single: no forward whose only use would be the ranking after the update
-        logp_phi = logprobs_nograd(model, batch, micro, cfg.logprob_chunk)  # (B, T) the updated PRM
+        logp_phi = shared_logprobs(model, batch, cfg)  # (B, T) the updated PRM
         q = prm.implicit_rewards(logp_phi, logp_ref, batch.mask)  # (B, T)
         stats["prm_acc_after"] = prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)
     return q, stats
@@ -252,7 +274,9 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
         idx = order[m0:m1]
         n_tok = batch.mask[idx].sum()
         opt_policy.zero_grad(set_to_none=True)
-        for i in range(0, len(idx), micro):
+        for k, i in enumerate(range(0, len(idx), micro)):
+            if not parallel.mine(k):  # another rank's micro-batch
+                continue
             sub = idx[i:i + micro]
             logp = token_logprobs(model, batch.prompt_ids[sub], batch.prompt_mask[sub], batch.resp[sub], batch.mask[sub],
                                   chunk=cfg.logprob_chunk)
@@ -266,8 +290,12 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
             stats["pg_loss"] += loss.item() * w / len(splits)
             stats["clipfrac"] += st["clipfrac"] * len(sub) / B
             stats["approx_kl"] += st["approx_kl"] * len(sub) / B
+        parallel.sum_grads(opt_policy.param_groups[0]["params"])  # the whole mini-batch's gradient on every rank
         torch.nn.utils.clip_grad_norm_(opt_policy.param_groups[0]["params"], cfg.policy_grad_clip)
         opt_policy.step()
+    names = list(stats)
+    *sums, nll = parallel.sum_values([stats[k] for k in names] + [nll])  # over every rank's micro-batches
+    stats = dict(zip(names, sums))
     stats["entropy"] = nll / batch.mask.sum().item()  # nats per response token (each row is in one mini-batch)
     return stats
 
@@ -282,7 +310,8 @@ def fmt_step(step, cfg, m):
     if cfg.reward_mode != "outcome":
         s += f"|ret| p {m['ret_process']:.3f}{'' if m['process_on'] else ' (off)'} o {m['ret_outcome']:.3f} | "
     s += (f"pg {m.get('pg_loss', 0):+.3f} | clip {m.get('clipfrac', 0):.3f} | ent {m.get('entropy', 0):.3f} | len {m['len']:.1f} | "
-          f"{m['t_step']:.2f}s (roll {m['t_rollout']:.2f} ver {m['t_verify']:.2f} prm {m.get('t_prm', 0):.2f} pol {m.get('t_policy', 0):.2f})")
+          f"{m['t_step']:.2f}s (roll {m['t_rollout']:.2f} ver {m['t_verify']:.2f} prm {m.get('t_prm', 0):.2f} pol {m.get('t_policy', 0):.2f}"
+          + (f" comm {m['t_comm']:.2f})" if "t_comm" in m else ")"))
     fails = [f"{k[2:]} {v}" for k, v in sorted(m.items()) if k.startswith("n_") and k != "n_correct"]
     return s + (" | " + ", ".join(fails) if fails else "")  # why responses scored below 1 (verifiers.REASONS)
 
@@ -338,8 +367,12 @@ def run(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = run_device(cfg)
-    run_dir = cfg.resume or new_run_dir(cfg)  # an existing run folder is refused before anything is built
+    device = parallel.setup(run_device(cfg))  # under torchrun: join the job (cuda:LOCAL_RANK on GPUs)
+    main_rank = parallel.is_main()  # rank 0 evaluates, prints, logs and writes; one process is rank 0
+    if not main_rank:
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints for the job (errors still reach stderr)
+    # an existing run folder is refused before anything is built (every rank names the same one)
+    run_dir = cfg.resume or new_run_dir(cfg, parallel.broadcast_object(time.strftime("%Y%m%d-%H%M%S")))
     # Read and check all data before building anything expensive.
     train_rows = [r for path in cfg.data.split(",") for r in load_rows(path)]
     test_rows = load_rows(cfg.test_data)
@@ -354,18 +387,25 @@ def run(cfg):
     elif cfg.model:
         base_path = cfg.model
     else:  # SFT seeds the CPU and CUDA RNGs: restored after, so a cold run draws what a cached one does
+        if not main_rank:
+            parallel.barrier()  # rank 0 builds the SFT model; the others then find it in the cache
         with torch.random.fork_rng(devices=range(torch.cuda.device_count()), device_type="cuda"):
             base_path = sft_warmup(cfg, device)
+        if main_rank:
+            parallel.barrier()
     base, tok = load_base(base_path, device, cfg)
     train_rows = drop_long_prompts(train_rows, tok, cfg.max_prompt_len, cfg.data)
     test_rows = drop_long_prompts(test_rows, tok, cfg.max_prompt_len, cfg.test_data)[: cfg.eval_n or None]
     model = add_adapters(base, cfg)
     if cfg.prm_init and not cfg.resume:  # a trained π_φ (a resumed run loads its checkpoint's)
         load_prm_init(model, cfg, base_path)
+    if parallel.world() > 1:  # rank 0's adapters everywhere (new, --prm-init or resumed ones below: the same file)
+        parallel.broadcast(adapter_params(model, "policy") + adapter_params(model, "prm"))
+        torch.manual_seed(cfg.seed + 100003 * parallel.rank())  # each rank samples its own share with its own draws
     opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
     opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # ALGORITHM.md §3.3
 
-    if not cfg.resume:
+    if not cfg.resume and main_rank:
         check_run_dir_free(run_dir)  # again: another process may have taken the name during the SFT warm-up
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, "config.json"), {**dataclasses.asdict(cfg), "base_path": base_path,
@@ -383,26 +423,30 @@ def run(cfg):
         buffer, acc_ema, start, ev = st["buffer"], st["acc_ema"], st["step"], st["eval_before"]
         gen.set_state(st["rng_gen"])
         t_start -= st["wall_time_s"]
+        if parallel.world() > 1:  # the checkpoint holds rank 0's sampling RNG
+            torch.manual_seed(cfg.seed + 100003 * parallel.rank() + start)
         print(f"resuming from {ckpt} (step {start}); metrics after step {start} are re-done")
     else:
-        start = 0
-        why = {}
-        acc, se = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL", with_se=True, reasons=why)
-        ev = {"acc_before": acc, "acc_before_se": se, "answered_before": answered(why),
-              "greedy_before": evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) before RL")}
-    print(f"before RL: held-out accuracy sampled {ev['acc_before']:.3f} | greedy {ev['greedy_before']:.3f}")
-    report = start_report(cfg, ev)
-    if report:
-        print(report)
+        start, ev = 0, None
+        if main_rank:  # the evaluations run on rank 0 alone
+            why = {}
+            acc, se = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) before RL", with_se=True, reasons=why)
+            ev = {"acc_before": acc, "acc_before_se": se, "answered_before": answered(why),
+                  "greedy_before": evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) before RL")}
+    if main_rank:
+        print(f"before RL: held-out accuracy sampled {ev['acc_before']:.3f} | greedy {ev['greedy_before']:.3f}")
+        report = start_report(cfg, ev)
+        if report:
+            print(report)
     history = []  # this process's step metrics, for drop_warning
-    log, close_log = make_logger(cfg, run_dir, start)
+    log, close_log = make_logger(cfg, run_dir, start) if main_rank else (lambda m: None, lambda: None)
 
     use_prm = cfg.reward_mode == "prime"
     q_source = cfg.reward_mode in ("prime", "oracle")  # process rewards: from the PRM, or from the step labels
-    bar = tqdm(range(start + 1, cfg.steps + 1), desc="RL", disable=not cfg.show_progress, mininterval=1,
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc="RL", disable=not (cfg.show_progress and main_rank), mininterval=1,
                initial=start, total=cfg.steps)
     for step in bar:
-        t0 = time.time()
+        t0, comm0 = time.time(), parallel.comm_seconds()
         m = {"step": step}
         # 1-3. Rollout, verify, filter (with refill from the prompt buffer).
         model.set_adapter("policy")
@@ -419,7 +463,7 @@ def run(cfg):
             t = time.time()
             logp_old = None
             if cfg.policy_minibatches > 1 or (use_prm and cfg.ref_type == "policy"):
-                logp_old = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)  # (B, T)
+                logp_old = shared_logprobs(model, batch, cfg)  # (B, T)
             m["t_policy"] = time.time() - t
 
             # 4-5. Implicit process rewards and the PRM's cross-entropy update. On the embedded task
@@ -431,7 +475,7 @@ def run(cfg):
                 t = time.time()
                 if cfg.ref_type == "freeze":
                     with model.disable_adapter():  # π_ref: the same base, adapters off
-                        logp_ref = logprobs_nograd(model, batch, cfg.micro_batch, cfg.logprob_chunk)
+                        logp_ref = shared_logprobs(model, batch, cfg)
                 else:
                     logp_ref = logp_old
                 q, st = prm_step(model, batch, logp_ref, cfg, opt_prm, labelled)
@@ -457,22 +501,28 @@ def run(cfg):
             model.set_adapter("policy")
 
             # 8. Log, evaluate, checkpoint.
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and main_rank:
                 m["eval_acc"] = evaluate(model, tok, test_rows, cfg, device, False, f"eval step {step}")
                 if use_prm:
                     m.update(held_out_step_truth(model, tok, test_rows, cfg, device))
             m["t_step"] = time.time() - t0
+            if parallel.world() > 1:
+                m["t_comm"] = parallel.comm_seconds() - comm0  # rank 0's time in collectives, waits included
             tqdm.write(fmt_step(step, cfg, m))
         history.append(m)
         warning = drop_warning(step, m["eval_acc"], ev, history, cfg) if "eval_acc" in m else None
         if warning:
             tqdm.write(warning)
         log(m)
-        if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+        if main_rank and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
             save_checkpoint(run_dir, step, model, opt_policy, opt_prm,
                             {"stream": stream.state(), "buffer": list(buffer), "acc_ema": acc_ema,
                              "rng_gen": gen.get_state(), "eval_before": ev, "wall_time_s": time.time() - t_start})
     close_log()
+    parallel.check_same(adapter_params(model, "policy") + adapter_params(model, "prm"), "adapters")
+    parallel.close()  # the job's collectives end here; rank 0 alone goes on
+    if not main_rank:
+        return None, run_dir
 
     # Evaluation after RL, the token-reward page, both adapters (peft format) and the summary.
     model.set_adapter("policy")
@@ -487,7 +537,8 @@ def run(cfg):
     replace_folder(adapters + ".tmp", adapters)
     summary = {**ev, "acc_after": acc_after, "answered_after": answered(why), "greedy_after": greedy_after, "seed": cfg.seed,
                "reward_mode": cfg.reward_mode, "steps": cfg.steps, "eval_prompts": len(test_rows),
-               "eval_samples": cfg.eval_samples, **truth_after, "wall_time_s": time.time() - t_start}
+               "eval_samples": cfg.eval_samples, **truth_after, "world_size": parallel.world(),
+               "wall_time_s": time.time() - t_start}
     write_json(os.path.join(run_dir, "summary.json"), summary)  # last: a run with a summary is finished
     acc_before, greedy_before = ev["acc_before"], ev["greedy_before"]
     print("\nheld-out accuracy (%d prompts)   sampled T=1 (%d/prompt)   greedy" % (len(test_rows), cfg.eval_samples))

@@ -574,9 +574,9 @@ def test_one_step_produces_the_shapes_the_readme_names(world, monkeypatch):
     model.set_adapter("policy")
     stream = pm.PromptStream(len(world.train), cfg.seed)
     batch, _ = pm.collect(model, world.tok, cfg, world.train, stream, [], "cpu")
-    logp_old = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+    logp_old = pm.shared_logprobs(model, batch, cfg)
     with model.disable_adapter():
-        logp_ref = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+        logp_ref = pm.shared_logprobs(model, batch, cfg)
     opt = torch.optim.AdamW(models.adapter_params(model, "prm"), lr=1e-3)
     q, _ = pm.prm_step(model, batch, logp_ref, cfg, opt)
     A, _ = pm.advantages(q, batch, cfg, use_process=True)
@@ -631,9 +631,9 @@ def test_step_metrics_score_the_prms_rewards_before_its_update(world):
     batch, labelled = labelled_batch(world, cfg, GROUPS)
     assert [x[0].first_wrong for x in labelled] == [None, 1, None, 0], "hand labels of the four responses"
     with model.disable_adapter():
-        logp_ref = pm.logprobs_nograd(model, batch, 4)
+        logp_ref = sampling.logprobs_nograd(model, batch, 4)
     model.set_adapter("prm")
-    q_before = prm.implicit_rewards(pm.logprobs_nograd(model, batch, 4), logp_ref, batch.mask)  # (B, T)
+    q_before = prm.implicit_rewards(sampling.logprobs_nograd(model, batch, 4), logp_ref, batch.mask)  # (B, T)
     want = evaluation.step_truth(labelled, cfg.beta * q_before)
     opt = torch.optim.AdamW(models.adapter_params(model, "prm"), lr=cfg.lr_prm)
     q, st = pm.prm_step(model, batch, logp_ref, cfg, opt, labelled)

@@ -420,7 +420,7 @@ def smollm2_prime_step(quant):
         mp.setattr(pm, "verify_batch", scripted_verify({r["reward_model"]["ground_truth"] for r in rows}))
         batch, _ = pm.collect(model, tok, cfg, rows, pm.PromptStream(len(rows), 0), [], "cpu")  # 1-3
     with model.disable_adapter():
-        logp_ref = pm.logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
+        logp_ref = sampling.logprobs_nograd(model, batch, cfg.micro_batch)  # (B, T)
     q, _ = pm.prm_step(model, batch, logp_ref, cfg, opt_prm)  # 4-5, double-forward: q of the updated PRM
     prm_changed = changed(start, model)  # since before the rollout
     del start
@@ -429,9 +429,9 @@ def smollm2_prime_step(quant):
     pg = pm.policy_step(model, batch, None, A, cfg, opt_policy, torch.Generator().manual_seed(0))  # 7
     policy_changed = changed(after_prm, model)
     model.set_adapter("policy")
-    logp_policy = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+    logp_policy = sampling.logprobs_nograd(model, batch, cfg.micro_batch)
     with model.disable_adapter():
-        logp_ref_after = pm.logprobs_nograd(model, batch, cfg.micro_batch)
+        logp_ref_after = sampling.logprobs_nograd(model, batch, cfg.micro_batch)
     return types.SimpleNamespace(cfg=cfg, model=model, tok=tok, rows=rows, batch=batch, logp_ref=logp_ref, q=q, A=A,
                                  pg_loss=pg["pg_loss"], prm_changed=prm_changed, policy_changed=policy_changed,
                                  logp_policy=logp_policy, logp_ref_after=logp_ref_after)
