@@ -103,13 +103,29 @@ def prm_scored_samples(model, tok, rows, cfg, device):
     return batch, cfg.beta * prm.implicit_rewards(logp_phi, logp_ref, mask)  # (B, T) β·q_t
 
 
-def held_out_step_truth(model, tok, rows, cfg, device):
+def leading(scored, n, K):
+    """The first `n` prompts (n·K rows) of prm_scored_samples' (Rollout, r_tok)."""
+    b, r_tok = scored
+    return Rollout(b.prompt_ids[:n * K], b.prompt_mask[:n * K], b.resp[:n * K], b.mask[:n * K], b.r_o[:n * K],
+                   b.rows[:n], b.texts[:n * K]), r_tok[:n * K]
+
+
+def final_scored_samples(model, tok, rows, cfg, device):
+    """After RL, one prm_scored_samples for both the step metrics (the first `truth_prompts`
+    prompts) and the token-reward page (its candidates, the first 4·`reward_pages`), so that the
+    same leading prompts are not sampled and scored twice. None when neither wants any."""
+    n = max(cfg.truth_prompts if is_step_task(rows[:cfg.truth_prompts]) else 0, 4 * cfg.reward_pages)
+    return prm_scored_samples(model, tok, rows[:n], cfg, device) if n else None
+
+
+def held_out_step_truth(model, tok, rows, cfg, device, scored=None):
     """step_truth on fresh samples of the first `truth_prompts` held-out prompts (keys eval_step_*);
-    {} when off or when the rows are not the embedded task."""
+    {} when off or when the rows are not the embedded task. `scored`: prm_scored_samples of at
+    least those prompts, drawn already (final_scored_samples)."""
     rows = rows[:cfg.truth_prompts]
     if not cfg.truth_prompts or not is_step_task(rows):
         return {}
-    batch, r_tok = prm_scored_samples(model, tok, rows, cfg, device)
+    batch, r_tok = leading(scored, len(rows), cfg.K) if scored else prm_scored_samples(model, tok, rows, cfg, device)
     return step_truth(label_batch(rows, batch.resp, batch.mask, tok, cfg.K), r_tok, prefix="eval_step_")
 
 

@@ -23,7 +23,7 @@ import torch
 import steps
 from checkpoints import latest_checkpoint, load_adapters, write_json
 from config import Config, explicit_fields, in_use, parse_config, saved_config
-from evaluation import prm_scored_samples
+from evaluation import leading, prm_scored_samples
 from models import ConfigError, add_adapters, load_base, run_device
 from tasks import check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, prompt_text
 
@@ -94,14 +94,16 @@ def token_pieces(tok, ids):
     return pieces
 
 
-def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=None):
+def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=None, scored=None):
     """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
     against π_ref, and write the page; prompts whose samples are both right and wrong come first.
     On the embedded task each response also shows its true first wrong step (underlined) and the
-    step the PRM blames first (the first whose summed reward is below 0)."""
+    step the PRM blames first (the first whose summed reward is below 0). `scored`: those samples
+    and scores of at least the candidate prompts, drawn already (evaluation.final_scored_samples)."""
     n_prompts = n_prompts or cfg.reward_pages
     cand = rows[: 4 * n_prompts]
-    batch, r = prm_scored_samples(model, tok, cand, cfg, device)  # r: (B, T) β·q_t
+    batch, r = (leading(scored, len(cand), cfg.K) if scored else
+                prm_scored_samples(model, tok, cand, cfg, device))  # r: (B, T) β·q_t
     labelled = label_batch(cand, batch.resp, batch.mask, tok, cfg.K) if is_step_task(cand) else None
     groups = []
     for g, row in enumerate(cand):

@@ -71,7 +71,8 @@ import rl
 from checkpoints import (latest_checkpoint, load_checkpoint, load_prm_init, make_logger, replace_folder, save_checkpoint,
                          write_json)
 from config import check_run_dir_free, new_run_dir, parse_config, print_memory_plan, saved_config
-from evaluation import answered, drop_warning, evaluate, held_out_step_truth, start_report, step_truth
+from evaluation import (answered, drop_warning, evaluate, final_scored_samples, held_out_step_truth, start_report,
+                        step_truth)
 from models import ConfigError, add_adapters, adapter_params, load_base, run_device
 from sampling import Rollout, decode_responses, encode_prompts, generate, pad_cat, token_logprobs
 from sft import SHIPPED_SFT, sft_path, sft_warmup
@@ -529,9 +530,11 @@ def run(cfg):
     why = {}
     acc_after = evaluate(model, tok, test_rows, cfg, device, False, "eval (sampled) after RL", reasons=why)
     greedy_after = evaluate(model, tok, test_rows, cfg, device, True, "eval (greedy) after RL")
-    truth_after = held_out_step_truth(model, tok, test_rows, cfg, device) if use_prm else {}
+    scored = final_scored_samples(model, tok, test_rows, cfg, device) if use_prm else None  # one draw for both
+    truth_after = held_out_step_truth(model, tok, test_rows, cfg, device, scored) if use_prm else {}
     if cfg.reward_pages and use_prm:
-        experiments.write_reward_page(model, tok, test_rows, cfg, device, os.path.join(run_dir, "rewards.html"), run_dir)
+        experiments.write_reward_page(model, tok, test_rows, cfg, device, os.path.join(run_dir, "rewards.html"), run_dir,
+                                      scored=scored)
     adapters = os.path.join(run_dir, "adapters")
     model.save_pretrained(adapters + ".tmp")  # adapters/policy/ and adapters/prm/, written aside, then renamed
     replace_folder(adapters + ".tmp", adapters)

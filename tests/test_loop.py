@@ -678,3 +678,38 @@ def test_oracle_refuses_data_without_step_labels_before_building_a_model(world):
     cfg = config.parse_config(argv(world, "oracle-bad", "--reward-mode", "oracle"))
     with pytest.raises(models.ConfigError, match="--reward-mode oracle: .* has other rows"):
         pm.run(cfg)
+
+
+def test_after_rl_the_step_metrics_and_the_reward_page_share_one_draw_of_samples(world, monkeypatch, tmp_path):
+    """The step metrics after RL (first truth_prompts prompts) and the token-reward page (first
+    4·reward_pages) sample and score the held-out prompts once, and each equals what a separate
+    draw of its own prompts would give when the page's prompts are among the metrics' ones."""
+    import evaluation
+    import experiments
+    rows = arith_rows([f"{i}+{i % 7}-2=" for i in range(12)])
+    path = tmp_path / "arith.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(pm, "verify_batch", scripted_verify({r["reward_model"]["ground_truth"] for r in rows}))
+    calls, real = [], evaluation.prm_scored_samples
+
+    def counted(model, tok, rs, cfg, device):
+        calls.append(len(rs))
+        return real(model, tok, rs, cfg, device)
+    monkeypatch.setattr(evaluation, "prm_scored_samples", counted)
+    monkeypatch.setattr(experiments, "prm_scored_samples", counted)
+    pages = []
+    monkeypatch.setattr(experiments, "reward_page_html", lambda groups, beta, title: pages.append(groups) or "")
+    args = argv(world, "shared-draw", "--steps", "1", "--truth-prompts", "8", "--reward-pages", "1") + [
+        "--data", str(path), "--test-data", str(path)]
+    cfg = config.parse_config(args)
+    summary, run_dir = pm.run(cfg)
+    assert calls == [8], "one draw after RL, of the truth prompts (8 >= 4 page candidates)"
+    model = pm.add_adapters(models.load_base(world.base, "cpu", cfg)[0], cfg)
+    checkpoints.load_adapters(model, os.path.join(run_dir, "adapters"))
+    alone = evaluation.held_out_step_truth(model, world.tok, rows, cfg, "cpu")  # a draw of its own
+    assert alone and {k: summary[k] for k in alone} == pytest.approx(alone)
+    batch, _ = real(model, world.tok, rows[:8], cfg, "cpu")
+    shown = [r["tokens"] for g in pages[0] for r in g["responses"]]
+    drawn = [experiments.token_pieces(world.tok, batch.resp[i, :int(batch.mask[i].sum())].tolist())
+             for i in range(4 * cfg.K)]
+    assert all(s in drawn for s in shown), "the page shows samples of that same draw"
