@@ -564,13 +564,16 @@ def run(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in ("compare", "show-rewards", "chain", "sweep"):
+        if argv and argv[0] in ("compare", "show-rewards", "chain", "sweep", "export-verl"):
             if argv[0] == "compare":
                 experiments.compare_main(argv[1:], run)  # each arm and seed is a call of run()
             elif argv[0] == "sweep":
                 experiments.sweep_main(argv[1:], run)  # a compare at each chain length
             elif argv[0] == "chain":
                 experiments.chain_main(argv[1:])  # a chain length's data and SFT model
+            elif argv[0] == "export-verl":
+                import verl_export  # the run's data, reward and launch script for veRL (docs/SCALING.md)
+                verl_export.export_main(argv[1:])
             else:
                 experiments.show_rewards_main(argv[1:])
         else:
