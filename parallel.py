@@ -4,7 +4,7 @@ Every rank holds the same prompt stream, buffer and kept batch, so the loop's de
 filter, `batch_norm`, leave-one-out returns, whitening, the PRM's accuracy EMA and the gate) are
 made on the global batch exactly as by one process. Only the expensive per-row work is shared
 out: each rank samples and verifies its share of a round's prompts, and computes the log-probs
-and gradients of its share of the micro-batches. What each rank computed is put together here:
+and gradients of its share of each mini-batch's rows (`my_micro_batches`). What each rank computed is put together here:
 
     gather_rows   rows of different lengths (B_r, T_r) from every rank -> (B, T), in rank order
     sum_rows      a (B, ...) tensor of which each rank filled its own rows, the rest zeros
@@ -96,9 +96,12 @@ def share(n, r=None, w=None):
     return start, start + n // w + (1 if r < n % w else 0)
 
 
-def mine(k):
-    """Whether micro-batch number k (0, 1, ... within a mini-batch) is this rank's: round robin."""
-    return k % _WORLD == _RANK
+def my_micro_batches(i0, i1, micro):
+    """This rank's micro-batches (start, end) of the rows [i0, i1) of a mini-batch: its share of
+    those rows, `micro` rows at a time. One process: range(i0, i1, micro), as the loop always did.
+    Example: rows (0, 16), micro 4, on 2 ranks -> rank 0 (0, 4), (4, 8); rank 1 (8, 12), (12, 16)."""
+    a, b = share(i1 - i0)
+    return [(i0 + k, min(i0 + k + micro, i0 + b)) for k in range(a, b, micro)]
 
 
 @_timed

@@ -181,12 +181,11 @@ def minibatches(n_groups, K, n):
 
 def shared_logprobs(model, batch, cfg):
     """log-probs (B, T) of the batch's responses under the active adapter, without gradients.
-    Under torchrun each rank computes its share of the micro-batches (parallel.mine)."""
+    Under torchrun each rank computes its share of the rows (parallel.my_micro_batches)."""
     out = torch.zeros_like(batch.mask)  # (B, T)
     with torch.no_grad():
-        for k, i in enumerate(range(0, batch.B, cfg.micro_batch)):
-            if parallel.mine(k):
-                out[i:i + cfg.micro_batch] = token_logprobs(model, *batch.slice(i, i + cfg.micro_batch), chunk=cfg.logprob_chunk)
+        for i, j in parallel.my_micro_batches(0, batch.B, cfg.micro_batch):
+            out[i:j] = token_logprobs(model, *batch.slice(i, j), chunk=cfg.logprob_chunk)
     return parallel.sum_rows(out)
 
 
@@ -207,10 +206,7 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm, labelled=None):
     for m0, m1 in minibatches(B // K, K, cfg.prm_minibatches):  # in order, not shuffled ([O])
         if cfg.prm_update != "none":
             opt_prm.zero_grad(set_to_none=True)
-        for k, i in enumerate(range(m0, m1, micro)):
-            if not parallel.mine(k):  # another rank's micro-batch
-                continue
-            j = min(i + micro, m1)
+        for i, j in parallel.my_micro_batches(m0, m1, micro):  # one process: all of them; else this rank's share
             with torch.set_grad_enabled(cfg.prm_update != "none"):
                 logp_phi = token_logprobs(model, *batch.slice(i, j), chunk=cfg.logprob_chunk)  # (b, T)
                 q_ij = prm.implicit_rewards(logp_phi, logp_ref[i:j], batch.mask[i:j])  # (b, T)
@@ -275,10 +271,8 @@ def policy_step(model, batch, logp_old, A, cfg, opt_policy, gen):
         idx = order[m0:m1]
         n_tok = batch.mask[idx].sum()
         opt_policy.zero_grad(set_to_none=True)
-        for k, i in enumerate(range(0, len(idx), micro)):
-            if not parallel.mine(k):  # another rank's micro-batch
-                continue
-            sub = idx[i:i + micro]
+        for i, j in parallel.my_micro_batches(0, len(idx), micro):  # one process: all of them; else this rank's share
+            sub = idx[i:j]
             logp = token_logprobs(model, batch.prompt_ids[sub], batch.prompt_mask[sub], batch.resp[sub], batch.mask[sub],
                                   chunk=cfg.logprob_chunk)
             old = logp.detach() if logp_old is None else logp_old[sub]

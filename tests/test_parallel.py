@@ -94,12 +94,21 @@ def test_share_deals_out_every_item_once_as_evenly_as_possible():
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True), (n, w, parts)
 
 
+def test_each_rank_takes_its_share_of_a_mini_batchs_rows_in_micro_batches(monkeypatch):
+    got = {}
+    for r in range(2):
+        monkeypatch.setattr(parallel, "_RANK", r)
+        monkeypatch.setattr(parallel, "_WORLD", 2)
+        got[r] = parallel.my_micro_batches(0, 16, 4), parallel.my_micro_batches(16, 26, 4)
+    assert got[0] == ([(0, 4), (4, 8)], [(16, 20), (20, 21)]) and got[1] == ([(8, 12), (12, 16)], [(21, 25), (25, 26)])
+
+
 def test_one_process_is_one_rank_and_the_collectives_return_their_input():
     assert parallel.world() == 1 and parallel.rank() == 0 and parallel.is_main()
     x = torch.arange(6.0).view(2, 3)
     assert parallel.gather_rows(x, 0.0) is x and parallel.sum_rows(x) is x
     assert parallel.sum_values([1.5, 2.0]) == [1.5, 2.0] and parallel.gather_objects(["a"]) == ["a"]
-    assert all(parallel.mine(k) for k in range(5))
+    assert parallel.my_micro_batches(3, 13, 4) == [(3, 7), (7, 11), (11, 13)], "range(i0, i1, micro), as the loop always did"
 
 
 def test_two_ranks_make_bit_identical_updates_to_one_process(two_ranks, one_process):
