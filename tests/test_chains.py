@@ -92,7 +92,14 @@ def test_sweep_table_pairs_seeds_and_counts_steps_by_hand():
     assert "| 8 | oracle | 2 |" in md and "1.75 ± 0.35 (n=2)x" in md and "| 2, >4 |" in md
 
 
-def test_sweep_runs_every_length_and_draws_the_figure(tmp_path):
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    """One --out-dir for the sweep and chain tests below: their SFT models of seed 0 are shared."""
+    return tmp_path_factory.mktemp("chains")
+
+
+def test_sweep_runs_every_length_and_draws_the_figure(sft_dir):
+    tmp_path = sft_dir
     import prime_mini
     argv = ["sweep", "--lengths", "2,5", "--arms", "outcome,oracle", "--seeds", "1", "--name", "sw",
             "--out-dir", str(tmp_path), "--eval-every", "1", "--window", "1", "--steps", "2"] + MICRO
@@ -136,7 +143,8 @@ def test_sweep_runs_every_length_and_draws_the_figure(tmp_path):
             "--report-only", "--merge", str(tmp_path / "earlier.json")], prime_mini.run)
 
 
-def test_chain_builds_each_sft_seeds_model_and_prints_its_band_and_run_flags(tmp_path, capsys):
+def test_chain_builds_each_sft_seeds_model_and_prints_its_band_and_run_flags(sft_dir, capsys):
+    tmp_path = sft_dir
     rows = experiments.chain_main(["--n-ops", "5", "--sft-seeds", "0,1", "--out-dir", str(tmp_path)] + MICRO)
     assert [r[0] for r in rows] == [0, 1] and all(r[1] == 10 for r in rows)  # --sft-steps 10, no stopping rule
     assert rows[0][4] != rows[1][4] and all(os.path.exists(os.path.join(r[4], "done")) for r in rows)

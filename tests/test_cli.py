@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import config
 import models
@@ -231,7 +232,7 @@ def test_malformed_data_stops_before_any_model_is_built(tmp_path):
     assert "SFT" not in out.stdout and not (tmp_path / "runs").exists(), "nothing was trained or written"
 
 
-def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
+def test_end_to_end_micro_run_writes_its_outputs(tmp_path, capsys):
     runs = tmp_path / "runs"
     argv = [sys.executable, "prime_mini.py", "--out-dir", str(runs), "--run-name", "micro", "--seed", "3",
             *MICRO, "--eval-n", "6", "--eval-samples", "2"]
@@ -259,18 +260,23 @@ def test_end_to_end_micro_run_writes_its_outputs(tmp_path):
     for name in ("policy", "prm"):
         weights = load_file(str(run / "adapters" / name / "adapter_model.safetensors"))
         assert weights and all("lora_" in k for k in weights), f"{name}: LoRA tensors only"
-    # The SFT model is cached: a second run reuses it instead of retraining.
-    again = subprocess.run(argv[:5] + ["micro2"] + argv[6:], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "SFT model: reusing" in again.stdout
-    again_summary = json.loads((runs / "micro2" / "summary.json").read_text())
-    assert again_summary["acc_before"] == summary["acc_before"], "the same cached SFT model, the same eval seed"
-    # --model: a saved causal LM folder is the SFT model (here the cached tiny one); no SFT runs.
-    sft_dir = json.loads((run / "config.json").read_text())["base_path"]
-    argv_model = argv[:5] + ["micro3", "--model", sft_dir] + argv[6:]
-    third = subprocess.run(argv_model, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert "SFT warm-up" not in third.stdout and "SFT model: reusing" not in third.stdout
+    # The SFT model is cached: a second run reuses it instead of retraining. (This run and the
+    # next in this process, as main() makes them: the command line's start-up is tested above.)
+    n = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        pm.main(argv[2:5] + ["micro2"] + argv[6:])
+        again = capsys.readouterr().out
+        assert "SFT model: reusing" in again
+        again_summary = json.loads((runs / "micro2" / "summary.json").read_text())
+        assert again_summary["acc_before"] == summary["acc_before"], "the same cached SFT model, the same eval seed"
+        # --model: a saved causal LM folder is the SFT model (here the cached tiny one); no SFT runs.
+        sft_dir = json.loads((run / "config.json").read_text())["base_path"]
+        pm.main(argv[2:5] + ["micro3", "--model", sft_dir] + argv[6:])
+        third = capsys.readouterr().out
+    finally:
+        torch.set_num_threads(n)
+    assert "SFT warm-up" not in third and "SFT model: reusing" not in third
     assert (runs / "micro3" / "summary.json").exists()
 
 

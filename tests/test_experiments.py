@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import re
-import subprocess
 import sys
 
 import pytest
@@ -25,10 +24,19 @@ MICRO = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--ti
          "--threads", "1", "--reward-pages", "2"]
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One runs folder for the micro runs below, so that they share one micro SFT model."""
+    return tmp_path_factory.mktemp("runs")
+
+
 def _run(argv):
-    out = subprocess.run([sys.executable, "prime_mini.py"] + argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    """A run as the command line makes it, in this process (no second start-up of torch and peft)."""
+    n = torch.get_num_threads()
+    try:
+        pm.main(argv)
+    finally:
+        torch.set_num_threads(n)  # --threads is the run's, not the test session's
 
 
 def _metrics(run_dir):
@@ -218,8 +226,7 @@ def test_reward_page_colours_by_sign_and_shows_the_sum():
     assert "&lt;bos&gt;1+2=" in page and "✓" in page and "✗" in page
 
 
-def test_run_writes_a_reward_page_and_show_rewards_rebuilds_it(tmp_path):
-    runs = tmp_path / "runs"
+def test_run_writes_a_reward_page_and_show_rewards_rebuilds_it(tmp_path, runs):
     _run(MICRO + ["--out-dir", str(runs), "--run-name", "r", "--steps", "2"])
     page = (runs / "r" / "rewards.html").read_text()
     assert page.count('class="g"') == 2 and page.count('class="resp"') == 2 * 2, "2 prompts x K=2 responses"
@@ -240,10 +247,9 @@ def test_tensorboard_asked_for_but_not_installed_is_said_not_skipped(tmp_path, m
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "acc": 0.5}
 
 
-def test_tensorboard_events_hold_the_metrics_when_installed(tmp_path):
+def test_tensorboard_events_hold_the_metrics_when_installed(runs):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    runs = tmp_path / "runs"
     _run(MICRO + ["--out-dir", str(runs), "--run-name", "tb", "--steps", "2", "--reward-pages", "0"])
     ev = EventAccumulator(str(runs / "tb"))
     ev.Reload()
