@@ -171,12 +171,12 @@ ARMS = {  # named arms; any other arm is written NAME:flag=value:flag=value (e.g
     "faithful": ["--faithful"],
     # A control, not the paper's offline PRM: the PRM stays at zero, so every process reward is 0
     # (outcome-only plus unused PRM forwards). The offline PRM freezes a *trained* one:
-    # offline:prm-init=RUN/adapters/prm:prm-update=none (README).
+    # offline:prm-init=RUN/adapters/prm:prm-update=none (docs/EXPERIMENTS.md, compare).
     "zero-prm": ["--prm-update", "none"],
     "grpo": ["--adv-estimator", "grpo"],
     "reinforce": ["--adv-estimator", "reinforce"],
     # Process rewards from the embedded task's step labels instead of the PRM: the upper bound of
-    # what dense process rewards can buy on this task (README, "Process ground truth").
+    # what dense process rewards can buy on this task (docs/EXPERIMENTS.md, "Process ground truth").
     "oracle": ["--reward-mode", "oracle"],
     # PRIME with min-form credit (PURE, arXiv 2504.15275): process return = min of future rewards.
     "min-form": ["--process-credit", "min"],
