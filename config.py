@@ -190,24 +190,66 @@ def _field_help():
     return helps
 
 
-def parse_config(argv=None, new_folder=True):
-    """Build the Config from command-line flags generated from the dataclass, then validate it.
-    `new_folder`: a run that is not resumed refuses an existing run folder (new_run_dir); compare
-    passes False, as it decides itself which of its folders to reuse, resume or restart."""
+# The sections of `--help`, in the order of Algorithm 1: (title, what the flags are for, the Config
+# fields). Every field is in exactly one (tests/test_cli.py checks it).
+FLAG_GROUPS = (
+    ("run", "what to run and on what: seeds, device and threads, a preset, the paper's code in one flag",
+     ("seed", "device", "threads", "faithful", "preset")),
+    ("data and verifiers", "the prompts (Eurus-2-RL-Data schema) and how responses are scored; code runs in a sandbox",
+     ("data", "test_data", "sft_data", "verify_workers", "sandbox")),
+    ("model", "the frozen base (the SFT model, also π_ref): the tiny default or a pretrained model, 4-bit loading, the memory planner",
+     ("model", "load_in_4bit", "gradient_checkpointing", "max_prompt_len", "plan_memory", "gpu_memory_gb",
+      "tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate")),
+    ("SFT warm-up", "the tiny default's SFT model, trained from scratch to a validation target (or the shipped one)",
+     ("sft_steps", "sft_batch", "sft_lr", "sft_target", "sft_check_every", "sft_val_data", "sft_seed", "retrain_sft",
+      "sft_init")),
+    ("rollout and filter", "Algorithm 1 blocks 1-3: P prompts x K samples a step, kept when their accuracy is in the band",
+     ("steps", "P", "K", "temperature", "max_new_tokens", "filter_low", "filter_high", "max_rollout_rounds",
+      "merged_rollout", "gen_batch")),
+    ("implicit PRM", "blocks 4-5: the process rewards r_φ = β log π_φ/π_ref and the PRM's cross-entropy update",
+     ("reward_mode", "oracle_form", "beta", "prm_update", "prm_init", "ref_type", "prm_lora_r", "lr_prm",
+      "prm_minibatches", "prm_grad_clip", "prm_warmup", "prm_gate")),
+    ("advantages", "block 6: leave-one-out returns from process and outcome rewards, then whitening",
+     ("adv_estimator", "prime_norm", "process_coef", "gamma_process", "gamma_outcome", "process_credit")),
+    ("policy update", "block 7: the policy's LoRA adapter and its PPO-clip update; micro-batches bound memory",
+     ("lora_r", "lora_alpha_ratio", "lora_targets", "lora_dropout", "lr_policy", "wd_policy", "policy_grad_clip",
+      "policy_minibatches", "eps_clip", "loss_agg", "micro_batch", "logprob_chunk")),
+    ("evaluation", "held-out accuracy before and after RL (sampled and greedy), the token-reward page, the step labels",
+     ("eval_n", "eval_samples", "eval_seed", "eval_every", "reward_pages", "truth_prompts")),
+    ("output", "the run folder, checkpoints and --resume, logs (metrics.jsonl, TensorBoard, wandb), progress bars",
+     ("out_dir", "run_name", "save_every", "resume", "tensorboard", "wandb_project", "show_progress")),
+)
+
+
+def build_parser():
+    """The flags, generated from the Config fields (each field's comment is its help text), in the
+    sections of FLAG_GROUPS."""
     import argparse
     # allow_abbrev=False: argparse would otherwise take `--process-co` for --process-coef, and a
     # preset or --faithful would then override a flag the user did give (it looks absent).
     ap = argparse.ArgumentParser(description=DESCRIPTION, allow_abbrev=False,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = _field_help()
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helps.get(f.name))
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            ap.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name),
-                            choices=CHOICES.get(f.name), dest=f.name)
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for title, purpose, names in FLAG_GROUPS:
+        group = ap.add_argument_group(title, purpose)
+        for f in (fields[n] for n in names):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type is bool or f.type == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                   help=helps.get(f.name))
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+                group.add_argument(flag, type=typ, default=f.default, help=helps.get(f.name),
+                                   choices=CHOICES.get(f.name), dest=f.name)
+    return ap
+
+
+def parse_config(argv=None, new_folder=True):
+    """Build the Config from command-line flags generated from the dataclass, then validate it.
+    `new_folder`: a run that is not resumed refuses an existing run folder (new_run_dir); compare
+    passes False, as it decides itself which of its folders to reuse, resume or restart."""
+    ap = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})

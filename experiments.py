@@ -94,21 +94,17 @@ def token_pieces(tok, ids):
     return pieces
 
 
-def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=None, scored=None):
-    """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
-    against π_ref, and write the page; prompts whose samples are both right and wrong come first.
-    On the embedded task each response also shows its true first wrong step (underlined) and the
-    step the PRM blames first (the first whose summed reward is below 0). `scored`: those samples
-    and scores of at least the candidate prompts, drawn already (evaluation.final_scored_samples)."""
-    n_prompts = n_prompts or cfg.reward_pages
-    cand = rows[: 4 * n_prompts]
-    batch, r = (leading(scored, len(cand), cfg.K) if scored else
-                prm_scored_samples(model, tok, cand, cfg, device))  # r: (B, T) β·q_t
-    labelled = label_batch(cand, batch.resp, batch.mask, tok, cfg.K) if is_step_task(cand) else None
+def reward_groups(tok, rows, batch, r, K):
+    """The page's groups (`reward_page_html`) for a scored batch: row g of `rows` is the prompt of
+    the K consecutive responses g·K.. of `batch`, `r` (B, T) their token rewards β·q_t. Groups whose
+    samples are both right and wrong come first. On the embedded task each response also gets its
+    true first wrong step (underlined) and the step the PRM blames first (the first whose summed
+    reward is below 0)."""
+    labelled = label_batch(rows, batch.resp, batch.mask, tok, K) if is_step_task(rows) else None
     groups = []
-    for g, row in enumerate(cand):
+    for g, row in enumerate(rows):
         responses = []
-        for i in range(g * cfg.K, (g + 1) * cfg.K):
+        for i in range(g * K, (g + 1) * K):
             n = int(batch.mask[i].sum())
             resp = {"tokens": token_pieces(tok, batch.resp[i, :n].tolist()), "r": r[i, :n].tolist(),
                     "r_o": batch.r_o[i].item()}
@@ -123,7 +119,18 @@ def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=No
         mixed = len({x["r_o"] for x in responses}) > 1
         groups.append((not mixed, g, {"prompt": prompt_text(tok, row["prompt"], row.get("ability")),
                                       "answer": row["reward_model"]["ground_truth"], "responses": responses}))
-    groups = [x[2] for x in sorted(groups, key=lambda x: x[:2])[:n_prompts]]
+    return [x[2] for x in sorted(groups, key=lambda x: x[:2])]
+
+
+def write_reward_page(model, tok, rows, cfg, device, path, run_dir, n_prompts=None, scored=None):
+    """Sample K responses for held-out prompts with the policy, score their tokens with the PRM
+    against π_ref, and write the page of `reward_groups`. `scored`: those samples and scores of at
+    least the candidate prompts, drawn already (evaluation.final_scored_samples)."""
+    n_prompts = n_prompts or cfg.reward_pages
+    cand = rows[: 4 * n_prompts]
+    batch, r = (leading(scored, len(cand), cfg.K) if scored else
+                prm_scored_samples(model, tok, cand, cfg, device))  # r: (B, T) β·q_t
+    groups = reward_groups(tok, cand, batch, r, cfg.K)[:n_prompts]
     with open(path, "w") as f:
         f.write(reward_page_html(groups, cfg.beta, f"Implicit process rewards: {run_dir}"))
     print(f"token-reward page: {path}")
@@ -166,12 +173,12 @@ ARMS = {  # named arms; any other arm is written NAME:flag=value:flag=value (e.g
     "faithful": ["--faithful"],
     # A control, not the paper's offline PRM: the PRM stays at zero, so every process reward is 0
     # (outcome-only plus unused PRM forwards). The offline PRM freezes a *trained* one:
-    # offline:prm-init=RUN/adapters/prm:prm-update=none (README).
+    # offline:prm-init=RUN/adapters/prm:prm-update=none (docs/EXPERIMENTS.md, compare).
     "zero-prm": ["--prm-update", "none"],
     "grpo": ["--adv-estimator", "grpo"],
     "reinforce": ["--adv-estimator", "reinforce"],
     # Process rewards from the embedded task's step labels instead of the PRM: the upper bound of
-    # what dense process rewards can buy on this task (README, "Process ground truth").
+    # what dense process rewards can buy on this task (docs/EXPERIMENTS.md, "Process ground truth").
     "oracle": ["--reward-mode", "oracle"],
     # PRIME with min-form credit (PURE, arXiv 2504.15275): process return = min of future rewards.
     "min-form": ["--process-credit", "min"],

@@ -435,7 +435,7 @@ def bwrap_error(problem):
             "fix: install bubblewrap (apt-get install bubblewrap, or dnf install bubblewrap) where it may create "
             "namespaces (a container may need unprivileged user namespaces or CAP_SYS_ADMIN); or, "
             "only where these programs may run unconfined (trusted code, a throwaway container), ask for the "
-            "weaker sandbox by name: --sandbox rlimit (a plain subprocess with resource limits; README, Verifiers)")
+            "weaker sandbox by name: --sandbox rlimit (a plain subprocess with resource limits; docs/VERIFIERS.md)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def sft_warmup(cfg, device):
     held-out accuracy and the next at 0.9. So the warm-up trains at a constant learning rate
     and stops as soon as greedy accuracy on the validation prompts (`sft_val_data`, a split of
     their own) reaches `sft_target`, checked every `sft_check_every` steps: every draw then
-    starts RL from the same accuracy band (README, "The embedded default").
+    starts RL from the same accuracy band (docs/EXPERIMENTS.md, "The embedded default").
 
     One process at a time builds a given folder (a lock file next to it): a second run started
     meanwhile waits, then reuses the first's model. Each writes into a temporary folder of its

@@ -278,7 +278,7 @@ def outcome_rewards(samples, responses, limits=sandbox.Limits(), workers=4):
 
 
 def _bench(workers, mode):
-    """Throughput on a batch of 256 math and 64 code responses (README, Verifiers), in sandbox `mode`."""
+    """Throughput on a batch of 256 math and 64 code responses (docs/VERIFIERS.md), in sandbox `mode`."""
     import os
     import random
     here = os.path.dirname(os.path.abspath(__file__))

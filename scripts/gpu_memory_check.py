@@ -27,7 +27,7 @@ Run:  python scripts/gpu_memory_check.py --preset qwen2.5-math-7b [--gpu-memory-
       (any prime_mini flag given after the preset wins, e.g. --max-new-tokens 512 for a quicker check;
        needs ~16 GB of free disk for the 7B preset's temporary bf16 checkpoint. Not yet run on a
        GPU: none was available where it was written, so how long it takes is not known; the
-       README's "GPU memory check" section is where its first results go.)
+       docs/REAL_MODELS.md's "GPU memory check" section is where its first results go.)
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Regenerate the SFT model that ships with the project (data/sft/<key>/, README "The embedded default").
+"""Regenerate the SFT model that ships with the project (data/sft/<key>/, docs/EXPERIMENTS.md "The embedded default").
 
     python scripts/ship_sft.py [--threads 1] [run flags]
 

@@ -1,6 +1,7 @@
 """Configuration errors, data checks, and an end-to-end run of prime_mini.py through subprocess."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,6 +154,43 @@ def test_help_lists_every_flag(capsys):
         assert "--" + f.name.replace("_", "-") in out, f.name
     flat = " ".join(out.split())  # argparse wraps lines
     assert "then constant: the stopping step is not known in advance)" in flat and "β in r_φ = β log π_φ/π_ref" in flat
+
+
+def test_every_config_field_is_in_exactly_one_help_group():
+    named = [n for _, _, names in config.FLAG_GROUPS for n in names]
+    fields = [f.name for f in pm.dataclasses.fields(config.Config)]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    assert not twice, f"fields in more than one group of --help: {twice}"
+    assert not set(fields) - set(named), f"fields in no group of --help: {sorted(set(fields) - set(named))}"
+    assert not set(named) - set(fields), f"groups name what is not a Config field: {sorted(set(named) - set(fields))}"
+
+
+def test_grouped_flags_keep_the_fields_names_defaults_and_help_text():
+    """Grouping changes where a flag is listed, not what it is: one flag per field, named after
+    it, with the field's default and its comment as help."""
+    helps = config._field_help()
+    actions = {a.dest: a for a in config.build_parser()._actions if a.dest != "help"}
+    assert sorted(actions) == sorted(f.name for f in pm.dataclasses.fields(config.Config))
+    for f in pm.dataclasses.fields(config.Config):
+        a = actions[f.name]
+        assert a.option_strings[0] == "--" + f.name.replace("_", "-"), a.option_strings
+        assert a.default == f.default and a.help == helps[f.name], f.name
+
+
+def test_help_shows_each_group_with_its_purpose_and_its_own_flags(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_config(["--help"])
+    out = capsys.readouterr().out
+    bare = "".join(out.split())  # argparse wraps lines, also after a hyphen
+    starts = []
+    for title, purpose, names in config.FLAG_GROUPS:
+        assert f"\n{title}:\n" in out, f"--help has no section {title!r}"
+        assert "".join(f"{title}: {purpose}".split()) in bare, f"section {title!r} lacks its line on what it is for"
+        starts.append(out.index(f"\n{title}:\n"))
+    assert starts == sorted(starts), "the sections are in FLAG_GROUPS' order"
+    for (title, _, names), start, end in zip(config.FLAG_GROUPS, starts, starts[1:] + [len(out)]):
+        for flag in ("--" + n.replace("_", "-") for n in names):  # "  --seed SEED", "  --faithful, --no-faithful"
+            assert re.search(rf"^  {flag}[ ,\n]", out[start:end], re.M), f"{flag} is not listed under {title!r}"
 
 
 def test_every_config_field_has_help_text():

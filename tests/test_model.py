@@ -389,7 +389,7 @@ def test_the_shipped_sft_model_is_the_warm_up_of_the_default_settings():
     cfg = config.parse_config([])
     key, shipped = sft.sft_key(cfg), sorted(os.listdir(sft.SHIPPED_SFT))
     assert shipped == [key], (f"data/sft/ holds {shipped}, but the default settings' SFT key is {key}: "
-                              "regenerate it with python scripts/ship_sft.py (README, The embedded default)")
+                              "regenerate it with python scripts/ship_sft.py (docs/EXPERIMENTS.md, The embedded default)")
     path = sft.shipped_sft(cfg)
     info = json.load(open(os.path.join(path, "done")))
     assert info["val_greedy"] >= cfg.sft_target, "the shipped warm-up reached its stopping rule"
