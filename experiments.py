@@ -327,12 +327,28 @@ NOT_COMPARED = ("resume", "run_name", "out_dir", "threads", "device", "show_prog
                 "wandb_project", "verify_workers", "retrain_sft", "gpu_memory_gb")
 
 
+def same_sft_init(old, now):
+    """Whether two --sft-init folders are the same starting model: the same weights when the old
+    folder is still there, else the same folder name (an SFT cache key: a run folder copied from
+    another checkout, whose cache or shipped models live elsewhere)."""
+    if old == now:
+        return True
+    if not old or not now:
+        return False
+    if os.path.exists(old) and os.path.exists(now):
+        import filecmp
+        return filecmp.cmp(os.path.join(old, "model.safetensors"), os.path.join(now, "model.safetensors"), shallow=False)
+    return os.path.basename(os.path.normpath(old)) == os.path.basename(os.path.normpath(now))
+
+
 def check_reusable(run_dir, cfg):
     """Stop when a run folder that `compare` would reuse or resume was made with settings other
-    than `cfg` (this arm and seed), or by another version (its config.json lacks a field)."""
+    than `cfg` (this arm and seed), or by another version (its config.json lacks a field).
+    --sft-init is compared as a model, not as a path (same_sft_init)."""
     old, _ = saved_config(run_dir, "compare: ")
     diff = [f"{f.name} {getattr(old, f.name)!r} (now {getattr(cfg, f.name)!r})" for f in dataclasses.fields(Config)
-            if f.name not in NOT_COMPARED and getattr(old, f.name) != getattr(cfg, f.name)]
+            if f.name not in NOT_COMPARED and getattr(old, f.name) != getattr(cfg, f.name)
+            and not (f.name == "sft_init" and same_sft_init(old.sft_init, cfg.sft_init))]
     if diff:
         raise ConfigError(f"compare: {run_dir} was made with other settings: {', '.join(diff)}; "
                              "remove that folder or choose another --name")

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import sys
 
 import pytest
@@ -122,6 +123,25 @@ def test_compare_reuses_a_run_only_if_it_was_made_with_the_same_settings(tmp_pat
     write_config(tmp_path / "old", **{**dataclasses.asdict(cfg), "prm_init": None})
     with pytest.raises(models.ConfigError, match="it lacks prm_init"):
         ex.check_reusable(str(tmp_path / "old"), cfg)
+
+
+def test_compare_compares_sft_init_as_a_model_not_as_a_path(tmp_path):
+    from safetensors.torch import save_file
+    for name, value in (("a/0683ff0691", 1.0), ("b/0683ff0691", 1.0), ("c/0683ff0691", 2.0)):
+        (tmp_path / name).mkdir(parents=True)
+        save_file({"w": torch.full((3,), value)}, str(tmp_path / name / "model.safetensors"))
+        shutil.copy(os.path.join(ROOT, "data", "sft", "fe1c94cb56", "config.json"), tmp_path / name / "config.json")
+    cfg = config.parse_config(["--sft-init", str(tmp_path / "a" / "0683ff0691")])
+    write_config(tmp_path / "copy", **{**dataclasses.asdict(cfg), "sft_init": str(tmp_path / "b" / "0683ff0691")})
+    ex.check_reusable(str(tmp_path / "copy"), cfg)  # the same weights in another folder
+    write_config(tmp_path / "elsewhere", **{**dataclasses.asdict(cfg), "sft_init": "/gone/runs/sft/0683ff0691"})
+    ex.check_reusable(str(tmp_path / "elsewhere"), cfg)  # made in another checkout: the same key
+    write_config(tmp_path / "other", **{**dataclasses.asdict(cfg), "sft_init": str(tmp_path / "c" / "0683ff0691")})
+    with pytest.raises(models.ConfigError, match="other settings: sft_init"):
+        ex.check_reusable(str(tmp_path / "other"), cfg)  # same name, other weights
+    write_config(tmp_path / "renamed", **{**dataclasses.asdict(cfg), "sft_init": "/gone/runs/sft/1234567890"})
+    with pytest.raises(models.ConfigError, match="other settings: sft_init"):
+        ex.check_reusable(str(tmp_path / "renamed"), cfg)
 
 
 def test_compare_stops_on_a_finished_run_made_with_other_flags_before_running_anything(tmp_path):
