@@ -33,6 +33,19 @@ def test_table_has_one_row_per_arm_and_every_column():
     assert "| 5.0% | 512 |" in lines[3] and r["cpu_step"] != r["cpu_step"], "no cpu_step given: nan"
 
 
+def test_ratio_table_holds_every_ratio_with_its_goal():
+    def arm(step, fastest, cpu):
+        return {"t_step": step, "t_step_min": fastest, "cpu_step": cpu}
+    res = {"prime": arm(3.0, 2.0, 6.0), "outcome": arm(2.0, 1.6, 4.0), "outcome, no filter": arm(1.0, 0.9, 2.0),
+           "TRL RLOO": arm(2.0, 1.5, 4.0)}
+    lines = bench.ratio_table(res).splitlines()
+    assert lines[2] == "| PRIME / outcome-only step | 1.50x | 1.25x | 1.50x | <= 1.35x |"
+    assert lines[3] == "| ours / TRL RLOOTrainer, same work | 0.50x | 0.60x | 0.50x | <= 0.6x |" and len(lines) == 4
+    small = bench.ratio_table(res, smollm2=True).splitlines()
+    assert small[2].endswith("<= 1.5x |") and small[-1] == "| PRIME step, seconds | 3.0 | 2.0 | 6.0 | <= 25 |"
+    assert bench.ratio_table({"outcome": res["outcome"]}) == ""
+
+
 def test_bench_runs_end_to_end_on_a_micro_configuration(tmp_path):
     micro = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
              "--sft-steps", "20", "--sft-batch", "16", "--P", "4", "--K", "2", "--max-new-tokens", "16",
@@ -44,6 +57,7 @@ def test_bench_runs_end_to_end_on_a_micro_configuration(tmp_path):
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "| prime |" in out.stdout and "| outcome |" in out.stdout and "PRIME / outcome step time" in out.stdout
+    assert "| PRIME / outcome-only step |" in out.stdout, "the ratio table"
     if have_trl:
         assert "| TRL RLOO |" in out.stdout and "ours / TRL" in out.stdout
     assert (tmp_path / "bench.json").exists()
