@@ -82,6 +82,12 @@ def is_main():
     return _RANK == 0
 
 
+def seed_rank(seed):
+    """Seed this rank's sampling draws: `seed` offset by the rank, so that ranks sampling their
+    shares do not draw the same random numbers (rank 0 keeps `seed`)."""
+    torch.manual_seed(seed + 100003 * _RANK)
+
+
 @_timed
 def barrier():
     if _WORLD > 1:

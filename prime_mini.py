@@ -396,7 +396,7 @@ def run(cfg):
         load_prm_init(model, cfg, base_path)
     if parallel.world() > 1:  # rank 0's adapters everywhere (new, --prm-init or resumed ones below: the same file)
         parallel.broadcast(adapter_params(model, "policy") + adapter_params(model, "prm"))
-        torch.manual_seed(cfg.seed + 100003 * parallel.rank())  # each rank samples its own share with its own draws
+        parallel.seed_rank(cfg.seed)  # each rank samples its own share with its own draws
     opt_policy = torch.optim.AdamW(adapter_params(model, "policy"), lr=cfg.lr_policy, weight_decay=cfg.wd_policy)
     opt_prm = torch.optim.AdamW(adapter_params(model, "prm"), lr=cfg.lr_prm, weight_decay=0.0)  # ALGORITHM.md §3.3
 
@@ -419,7 +419,7 @@ def run(cfg):
         gen.set_state(st["rng_gen"])
         t_start -= st["wall_time_s"]
         if parallel.world() > 1:  # the checkpoint holds rank 0's sampling RNG
-            torch.manual_seed(cfg.seed + 100003 * parallel.rank() + start)
+            parallel.seed_rank(cfg.seed + start)
         print(f"resuming from {ckpt} (step {start}); metrics after step {start} are re-done")
     else:
         start, ev = 0, None
