@@ -547,6 +547,8 @@ def adapter_params(model, name):
 
 def set_train_mode(model, on):
     """Switch on only what a gradient forward needs: gradient checkpointing and LoRA dropout.
+    Returns whether either is now on (a forward must then run each row whole: checkpointed layers
+    drop the KV cache, and dropout draws a mask per row; sampling.predicting_outputs).
 
     The base stays in eval mode otherwise (its own dropout off), so that log-probs under
     gradient equal the no-grad ones. transformers checkpoints a decoder layer only while that
@@ -554,11 +556,15 @@ def set_train_mode(model, on):
     the flag is set on the layers themselves, not recursively, before every forward.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
+    active = False
     for name, m in model.named_modules():
         if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
             m.training = on
+            active = active or on
         elif ".lora_dropout." in name and isinstance(m, torch.nn.Dropout):
             m.training = on
+            active = active or (on and m.p > 0)
+    return active
 
 
 def checkpointing(model):

@@ -114,20 +114,17 @@ def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=8192):
     Logits are computed only for the response positions. When the batch has more than `chunk`
     response tokens, the output head runs on `chunk` tokens at a time and each chunk's fp32
     logits are recomputed in the backward pass instead of stored, so (B, T, V) never exists: a
-    7B model's 152k-token vocabulary makes it gigabytes per sequence.
+    7B model's 152k-token vocabulary makes it gigabytes per sequence. Rows that share a prompt
+    run it once (`predicting_outputs`).
     """
-    models.set_train_mode(model, torch.is_grad_enabled())  # checkpointing, LoRA dropout: gradient forwards only
-    ids = torch.cat([prompt_ids, resp], 1)  # (B, Tp+T)
-    attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)  # (B, Tp+T)
-    pos = (attn.cumsum(1) - 1).clamp_min(0)  # (B, Tp+T) positions that skip left padding
+    per_row = models.set_train_mode(model, torch.is_grad_enabled())  # checkpointing, LoRA dropout: gradient forwards only
     B, T = resp.shape
     parts = models.output_head(model) if B * T > chunk else None
     if parts is None:  # small enough: the model's own head, in one piece
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits
-        logits = logits[:, :-1]  # (B, T, V) the position before each response token predicts it
+        logits = predicting_outputs(model, prompt_ids, prompt_mask, resp, mask, "logits", per_row)  # (B, T, V)
         return torch.cat([head_logprobs(None, logits[i:i + 64], resp[i:i + 64]) for i in range(0, B, 64)]) * mask
     decoder, head = parts
-    h = decoder(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state[:, -T - 1:-1]  # (B, T, H)
+    h = predicting_outputs(decoder, prompt_ids, prompt_mask, resp, mask, "last_hidden_state", per_row)  # (B, T, H)
     h, y = h.reshape(B * T, -1), resp.reshape(B * T)  # (B*T, H), (B*T,)
     out = []
     for i in range(0, B * T, chunk):
@@ -137,6 +134,46 @@ def token_logprobs(model, prompt_ids, prompt_mask, resp, mask, chunk=8192):
         else:
             out.append(head_logprobs(head, h[i:i + chunk], y[i:i + chunk]))  # (n,)
     return torch.cat(out).view(B, T) * mask  # (B, T)
+
+
+def prompt_groups(prompt_ids, prompt_mask):
+    """(first, run): the first row of each run of consecutive rows with the same prompt (U,), and
+    the run each row belongs to (B,). A rollout's K samples of a prompt are consecutive rows.
+    Example: prompts [a, a, b, b, a] -> first [0, 2, 4], run [0, 0, 1, 1, 2]."""
+    new = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # (B,)
+    new[1:] = (prompt_ids[1:] != prompt_ids[:-1]).any(1) | (prompt_mask[1:] != prompt_mask[:-1]).any(1)
+    return new.nonzero().squeeze(1), new.long().cumsum(0) - 1
+
+
+def predicting_outputs(net, prompt_ids, prompt_mask, resp, mask, key, per_row=False):
+    """The output `key` ("logits" of a causal LM, "last_hidden_state" of its decoder) at the
+    position before each response token, the one that predicts it: (B, T, ·).
+
+    When rows share a prompt, each distinct prompt goes through the net once and its KV cache,
+    repeated for its rows, serves their responses: the same numbers up to float rounding from
+    U·Tp + B·T positions instead of B·(Tp + T) (SmolLM2's 71-token prompts and 40-token responses
+    with K = 4: about half the work, forward and backward). `per_row` (a gradient forward with
+    checkpointed layers, which drop the cache, or LoRA dropout, which must draw a mask per row)
+    runs every row whole.
+    """
+    B, Tp = prompt_ids.shape
+    T = resp.shape[1]
+    attn = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], 1)  # (B, Tp+T)
+    pos = (attn.cumsum(1) - 1).clamp_min(0)  # (B, Tp+T) positions that skip left padding
+    keep = {"logits_to_keep": T + 1} if key == "logits" else {}
+    first, run = prompt_groups(prompt_ids, prompt_mask)
+    if per_row or len(first) == B or T == 0:
+        ids = torch.cat([prompt_ids, resp], 1)  # (B, Tp+T)
+        return net(input_ids=ids, attention_mask=attn, position_ids=pos, **keep)[key][:, -T - 1:-1]
+    head = net(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=pos[first, :Tp],
+               use_cache=True, **({"logits_to_keep": 1} if keep else {}))
+    cache = head.past_key_values
+    if cache is None or cache.get_seq_length() != Tp:
+        raise RuntimeError(f"{type(net).__name__} returned no KV cache of the {Tp} prompt positions; "
+                           "sampling.predicting_outputs needs one to share prompts between rows")
+    cache.batch_select_indices(run)  # (U, ...) -> (B, ...): each row's prompt
+    tail = net(input_ids=resp, attention_mask=attn, position_ids=pos[:, Tp:], past_key_values=cache, use_cache=True)
+    return torch.cat([head[key][run, -1:], tail[key][:, :-1]], 1)  # (B, T, ·)
 
 
 def head_logprobs(head, h, y):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -91,6 +92,60 @@ def test_token_logprobs_match_an_unpadded_forward_per_row(tok):
         ref = torch.log_softmax(logits[len(p) - 1:-1], -1).gather(-1, batch.resp[i, :n, None]).squeeze(-1)
         assert torch.allclose(lp[i, :n], ref, atol=1e-5), f"row {i}: padded forward differs from unpadded"
         assert torch.all(lp[i, n:] == 0), "zero off the mask"
+
+
+def test_prompt_groups_are_runs_of_consecutive_equal_prompts():
+    a, b = [1, 2, 3], [0, 4, 5]
+    ids = torch.tensor([a, a, b, b, a])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1], [1, 1, 1]])
+    first, run = sampling.prompt_groups(ids, mask)
+    assert first.tolist() == [0, 2, 4] and run.tolist() == [0, 0, 1, 1, 2]
+    mask[1, 0] = 0  # the same ids under another mask are another prompt
+    assert sampling.prompt_groups(ids, mask)[0].tolist() == [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize("chunk", [8192, 7])  # the model's own head in one piece; the decoder and 7-token head chunks
+def test_shared_prompt_forward_equals_each_row_whole(tok, chunk):
+    """K rows of one prompt run the prompt once (its KV cache serves them all): the same log-probs
+    and gradients as running every row whole, with left-padded prompts, right-padded responses and
+    a micro-batch that cuts a group."""
+    cfg = tiny_cfg()
+    model = make_model(tok, cfg)
+    batch = make_batch(model, tok, cfg)
+    torch.manual_seed(3)
+    for p in models.adapter_params(model, "policy"):  # nonzero LoRA: gradients reach A and B
+        p.data.normal_(0, 0.1)
+    assert len(sampling.prompt_groups(batch.prompt_ids, batch.prompt_mask)[0]) == 2 and batch.mask.sum(1).min() < batch.resp.shape[1]
+    shared = sampling.predicting_outputs
+    whole = lambda net, ids, am, resp, mask, key, per_row=False: shared(net, ids, am, resp, mask, key, True)  # noqa: E731
+    results = []
+    for share in (True, False):
+        with mock.patch.object(sampling, "predicting_outputs", shared if share else whole):
+            nograd = sampling.logprobs_nograd(model, batch, 3, chunk)  # 3 cuts the groups of 4
+            model.zero_grad(set_to_none=True)
+            lp = torch.cat([sampling.token_logprobs(model, *batch.slice(i, j), chunk=chunk) for i, j in ((0, 5), (5, 8))])
+            (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+            grads = [p.grad.clone() for p in models.adapter_params(model, "policy")]
+        results.append((nograd, lp.detach(), grads))
+    (n1, l1, g1), (n2, l2, g2) = results
+    torch.testing.assert_close(n1, n2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(n1, l1, rtol=0, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert torch.all(l1[batch.mask == 0] == 0)
+
+
+def test_gradient_forwards_with_dropout_or_checkpointing_run_rows_whole(tok):
+    cfg = tiny_cfg(lora_dropout=0.1)
+    model = make_model(tok, cfg)
+    assert models.set_train_mode(model, True), "LoRA dropout draws a mask per row"
+    assert not models.set_train_mode(model, False)
+    plain = make_model(tok, tiny_cfg())
+    assert not models.set_train_mode(plain, True), "nothing per-row: prompts can be shared under gradient"
+    plain.get_base_model().gradient_checkpointing_enable()
+    assert models.set_train_mode(plain, True), "checkpointed layers drop the KV cache"
+    models.set_train_mode(plain, False)
 
 
 def test_three_roles_share_one_base_and_start_identical(tok):
