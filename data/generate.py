@@ -86,9 +86,11 @@ def main():
             splits[split].append(row(prompt, answer, split, i, solution if split == "sft" else None))
     for split, rows in splits.items():
         path = os.path.join(args.out, f"{args.name}_{split}.jsonl")
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp-{os.getpid()}"  # then renamed: a run started beside this one reads a whole file or none
+        with open(tmp, "w") as f:
             for r in rows:
                 f.write(json.dumps(r, separators=(",", ":")) + "\n")
+        os.replace(tmp, path)
         print(f"wrote {len(rows)} rows to {path}")
 
 

@@ -3,6 +3,7 @@ labels at every length, and `sweep` (a compare per length, one table and one fig
 import json
 import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -158,3 +159,21 @@ def test_chain_builds_each_sft_seeds_model_and_prints_its_band_and_run_flags(sft
     import sft  # the printed run's settings give the 5-step model (its --sft-init is the 4-step one it started from)
     assert sft.sft_path(cfg) == rows[0][4] and cfg.sft_init != rows[0][4]
     assert cfg.tiny_hidden == 32
+
+
+def test_generate_writes_whole_files_under_their_names_only(tmp_path):
+    """data/generate.py writes each split through a temporary file renamed into place (two sweeps
+    of one length started together read a whole file or none; before, one read the other's
+    half-written file): only the four files are left, every line JSON, the same as a second
+    generation's."""
+    argv = [sys.executable, os.path.join(ROOT, "data", "generate.py"), "--n-ops", "3", "--n-sft", "30", "--n-rl", "20",
+            "--n-test", "5", "--n-val", "5", "--name", "g", "--out"]
+    for d in ("a", "b"):
+        os.makedirs(tmp_path / d)
+        subprocess.run(argv + [str(tmp_path / d)], check=True, capture_output=True)
+    assert sorted(os.listdir(tmp_path / "a")) == ["g_rl.jsonl", "g_sft.jsonl", "g_test.jsonl", "g_val.jsonl"]
+    for name in os.listdir(tmp_path / "a"):
+        text = open(tmp_path / "a" / name).read()
+        assert text == open(tmp_path / "b" / name).read(), "deterministic: a file that exists is the one it would write"
+        assert all(json.loads(line) for line in text.splitlines())
+    assert len(open(tmp_path / "a" / "g_rl.jsonl").read().splitlines()) == 20
