@@ -19,9 +19,14 @@ run would hold, at the planner's worst case:
     evaluation   skipped (evaluate() returns 0): it generates --gen-batch rows at a time like a
                  rollout, and at full length it would add minutes; --reward-pages 0
 
-Printed: memory after loading (planner: weights, adapters and their optimizer states), the peak
-of each phase (generation: rollouts; training: reference log-probs, PRM and policy updates)
-from torch.cuda.max_memory_allocated, and the planner's table for the same configuration.
+Printed: the planner's table for the same configuration first, then, each as soon as it is
+measured (so that a run stopped by a time limit has printed what it reached), memory after loading
+(planner: weights, adapters and their optimizer states) and the peak of each phase (generation:
+rollouts; training: reference log-probs, PRM and policy updates) from
+torch.cuda.max_memory_allocated, and a summary at the end. `--steps 1` measures both phases once.
+A --max-prompt-len shorter than the shortest prompt (system prompt and task suffix, ~330 tokens
+with this tokenizer) stops before the run with that number. scripts/gpu_checks.sh runs this for
+the two Qwen presets within 10 minutes of a GPU.
 
 Run:  python scripts/gpu_memory_check.py --preset qwen2.5-math-7b [--gpu-memory-gb 16] [prime_mini flags]
       (any prime_mini flag given after the preset wins, e.g. --max-new-tokens 512 for a quicker check;
@@ -79,13 +84,18 @@ def run_config(preset, model_dir, data, extra):
     return cfg
 
 
+def chat_tokenizer():
+    """The small byte-level BPE chat tokenizer the random-weight model is saved with."""
+    corpus = [tasks.SYSTEM_PROMPT, tasks.TASK_SUFFIX["math"]] + [f"{a}+{b}={a + b}" for a in range(60) for b in range(60)]
+    return models.build_chat_tokenizer(corpus)
+
+
 def build_model(preset, folder):
     """A random-weight model of the preset's architecture, made on the GPU in bf16 and saved with a
     small chat tokenizer; returns the tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
     model_type, arch = models.KNOWN_ARCHS[config.PRESETS[preset]["model"]]
-    corpus = [tasks.SYSTEM_PROMPT, tasks.TASK_SUFFIX["math"]] + [f"{a}+{b}={a + b}" for a in range(60) for b in range(60)]
-    tok = models.build_chat_tokenizer(corpus)
+    tok = chat_tokenizer()
     tok.save_pretrained(folder)
     mc = AutoConfig.for_model(model_type, **arch, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -101,6 +111,9 @@ def write_prompts(tok, path, max_len, n=64):
     """n math rows whose chat prompt is as long as fits in max_len tokens (a sum of many terms)."""
     rng = random.Random(0)
     rows = []
+
+    def n_tokens(r):
+        return len(tok(tasks.prompt_text(tok, r["prompt"], "math"), add_special_tokens=False)["input_ids"])
     for _ in range(n):
         terms = [str(rng.randint(10, 99)) for _ in range(4 * max_len)]
 
@@ -108,11 +121,16 @@ def write_prompts(tok, path, max_len, n=64):
             return {"data_source": "gpu_memory_check", "ability": "math", "prompt": [
                 {"role": "user", "content": "+".join(terms[:k]) + "="}], "reward_model": {"ground_truth": "0", "style": "rule"}}
 
+        def fits(k):
+            return n_tokens(row(k)) <= max_len
+
+        if not fits(1):
+            sys.exit(f"gpu_memory_check.py: --max-prompt-len {max_len} is shorter than the shortest prompt "
+                     f"({n_tokens(row(1))} tokens with the system prompt and task suffix): give at least that")
         lo, hi = 1, len(terms)  # the largest k whose prompt fits: binary search on the token count
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            fits = len(tok(tasks.prompt_text(tok, row(mid)["prompt"], "math"), add_special_tokens=False)["input_ids"]) <= max_len
-            lo, hi = (mid, hi) if fits else (lo, mid - 1)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         rows.append(row(lo))
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -130,14 +148,32 @@ def main(argv=None):
     open(data, "w").close()  # parse_config checks that the data file exists; its rows need max_prompt_len
     cfg = run_config(preset, model_dir, data, extra)
     write_prompts(tok, data, cfg.max_prompt_len)
-    print(f"random-weight {config.PRESETS[preset]['model']} architecture saved in {model_dir} ({time.time() - t:.0f}s)")
+    print(f"random-weight {config.PRESETS[preset]['model']} architecture saved in {model_dir} ({time.time() - t:.0f}s)", flush=True)
+
+    # the planner's figures first, so that a run stopped part-way (a time limit) has printed what it measured
+    rows, total, info = models.plan_memory(models.model_config(model_dir), cfg, device="cuda")
+    static = sum(v for k, v in rows.items() if not k.startswith("["))
+    planned = {"generation": static + sum(v for k, v in rows.items() if k.startswith("[gen]")),
+               "training": static + sum(v for k, v in rows.items() if k.startswith("[train]"))}
+    title = (f"planner: {preset} as run here (P={cfg.P} K={cfg.K}, prompt {cfg.max_prompt_len} + response "
+             f"{cfg.max_new_tokens} tokens, gen batch {cfg.gen_batch or cfg.P * cfg.K}, micro-batch {cfg.micro_batch})")
+    print("\n" + models.format_plan(rows, total, info, cfg.gpu_memory_gb, title))
+    full = models.plan_memory(models.model_config(model_dir), config.parse_config(["--preset", preset, "--plan-memory"]))[1]
+    print(f"  (the preset's own P={config.PRESETS[preset].get('P')}: planner peak {full / GB:.2f} GB)")
+    print(f"\nmeasured on {torch.cuda.get_device_name()} (torch.cuda.max_memory_allocated; {cfg.steps} step(s)), "
+          f"each line as its phase ends:", flush=True)
 
     seen = {"generation": 0, "training": 0}
     load_base, add_adapters, collect = pm.load_base, pm.add_adapters, pm.collect
+    t0 = time.time()
 
     def close_phase(phase):
-        seen[phase] = max(seen[phase], torch.cuda.max_memory_allocated())
+        peak = torch.cuda.max_memory_allocated()
+        seen[phase] = max(seen[phase], peak)
         torch.cuda.reset_peak_memory_stats()
+        if peak:  # (nothing to print for the training phase before the first rollout)
+            print(f"  peak, {phase + ' phase':<32} {peak / GB:7.2f} GB   planner: {planned[phase] / GB:7.2f} GB"
+                  f"   (at {time.time() - t0:.0f}s)", flush=True)
 
     def load_base_measured(*a, **kw):
         torch.cuda.reset_peak_memory_stats()
@@ -148,36 +184,28 @@ def main(argv=None):
         seen["loading peak"] = torch.cuda.max_memory_allocated()
         seen["loaded"] = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+        print(f"  after loading (base + adapters)        {seen['loaded'] / GB:7.2f} GB   planner, lasting part: {static / GB:7.2f} GB"
+              f"  (AdamW states appear at the first update; at {time.time() - t0:.0f}s)", flush=True)
+        print(f"  peak while loading                     {seen['loading peak'] / GB:7.2f} GB", flush=True)
         return model
 
     def collect_measured(*a, **kw):
-        close_phase("training")  # since the last rollout: its reference log-probs, PRM and policy updates
+        if seen["generation"]:
+            close_phase("training")  # since the last rollout: its reference log-probs, PRM and policy updates
+        else:
+            torch.cuda.reset_peak_memory_stats()  # the first rollout: nothing has trained yet
         out = collect(*a, **kw)
         close_phase("generation")
         return out
 
     pm.load_base, pm.add_adapters, pm.collect = load_base_measured, add_adapters_measured, collect_measured
     pm.evaluate = lambda *a, with_se=False, **kw: (0.0, 0.0) if with_se else 0.0
-    t = time.time()
     pm.run(cfg)
     close_phase("training")
-    run_s = time.time() - t
-
-    rows, total, info = models.plan_memory(models.model_config(model_dir), cfg, device="cuda")
-    static = sum(v for k, v in rows.items() if not k.startswith("["))
-    gen = sum(v for k, v in rows.items() if k.startswith("[gen]"))
-    train = sum(v for k, v in rows.items() if k.startswith("[train]"))
-    title = (f"planner: {preset} as run here (P={cfg.P} K={cfg.K}, prompt {cfg.max_prompt_len} + response "
-             f"{cfg.max_new_tokens} tokens, gen batch {cfg.gen_batch or cfg.P * cfg.K}, micro-batch {cfg.micro_batch})")
-    print("\n" + models.format_plan(rows, total, info, cfg.gpu_memory_gb, title))
-    full = models.plan_memory(models.model_config(model_dir), config.parse_config(["--preset", preset, "--plan-memory"]))[1]
-    print(f"  (the preset's own P={config.PRESETS[preset].get('P')}: planner peak {full / GB:.2f} GB)")
-    print(f"\nmeasured on {torch.cuda.get_device_name()} (torch.cuda.max_memory_allocated; 2 steps, {run_s:.0f}s):")
-    print(f"  after loading (base + adapters)        {seen['loaded'] / GB:7.2f} GB   planner, lasting part: {static / GB:7.2f} GB"
-          "  (AdamW states appear at the first update)")
-    print(f"  peak while loading                     {seen['loading peak'] / GB:7.2f} GB")
-    print(f"  peak, generation phase                 {seen['generation'] / GB:7.2f} GB   planner: {(static + gen) / GB:7.2f} GB")
-    print(f"  peak, training phase                   {seen['training'] / GB:7.2f} GB   planner: {(static + train) / GB:7.2f} GB")
+    run_s = time.time() - t0
+    print(f"\nsummary ({cfg.steps} step(s), {run_s:.0f}s; the run's own step timings: {os.path.join(cfg.out_dir, cfg.run_name, 'metrics.jsonl')}):")
+    print(f"  peak, generation phase                 {seen['generation'] / GB:7.2f} GB   planner: {planned['generation'] / GB:7.2f} GB")
+    print(f"  peak, training phase                   {seen['training'] / GB:7.2f} GB   planner: {planned['training'] / GB:7.2f} GB")
     print(f"  peak of the run                        {max(seen['generation'], seen['training']) / GB:7.2f} GB   "
           f"planner: {total / GB:7.2f} GB")
     print(f"  reserved by the caching allocator      {torch.cuda.max_memory_reserved() / GB:7.2f} GB   (since the last reset)")

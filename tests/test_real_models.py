@@ -261,6 +261,27 @@ def test_gpu_memory_check_runs_one_generation_batch_a_step_with_the_same_planned
     assert full.P == 16 and models.plan_memory(mc, cfg)[1] == models.plan_memory(mc, full)[1]
 
 
+def test_gpu_memory_check_prompts_are_the_longest_that_fit_and_a_too_short_limit_stops(tmp_path):
+    check = load_script("gpu_memory_check")
+    tok = check.chat_tokenizer()
+    path = tmp_path / "prompts.jsonl"
+
+    def n_tokens(content):
+        text = tasks.prompt_text(tok, [{"role": "user", "content": content}], "math")
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    shortest = n_tokens("10=")  # one term: the system prompt and task suffix around it
+    with pytest.raises(SystemExit) as e:
+        check.write_prompts(tok, str(path), shortest - 1, n=2)
+    assert f"--max-prompt-len {shortest - 1} is shorter than the shortest prompt" in str(e.value)
+    check.write_prompts(tok, str(path), shortest + 40, n=3)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 3
+    term = max(n_tokens("10+" + str(k) + "=") for k in range(10, 100)) - shortest  # most tokens one more term adds
+    for r in rows:  # the planner counts full-length prompts: each fits, within one term of the limit
+        assert shortest + 40 - term < n_tokens(r["prompt"][0]["content"]) <= shortest + 40
+
+
 def test_gpu_memory_check_refuses_its_own_flags_and_presets_it_cannot_build(capsys):
     check = load_script("gpu_memory_check")
     with pytest.raises(SystemExit):
