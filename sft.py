@@ -109,9 +109,17 @@ def train_sft(cfg, device, path):
             else f"{cfg.sft_steps} steps")
     print(f"SFT warm-up: tiny Qwen2 with {n_params / 1e6:.2f}M parameters, {len(rows)} worked solutions, "
           f"batches of {cfg.sft_batch}, {stop}")
-    # Pre-tokenise once: prompt ids and response ids (+ EOS); the loss is on response tokens only.
-    p_ids = tok([prompt_text(tok, r["prompt"]) for r in rows], add_special_tokens=False)["input_ids"]
-    r_ids = tok([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+    # Prompt ids and response ids (+ EOS), each row tokenised the first time it is drawn (a short
+    # warm-up draws few of the 60k rows); the loss is on response tokens only.
+    p_ids, r_ids = {}, {}
+
+    def tokenise(idx):
+        new = [i for i in dict.fromkeys(idx) if i not in p_ids]
+        if new:
+            p_new = tok([prompt_text(tok, rows[i]["prompt"]) for i in new], add_special_tokens=False)["input_ids"]
+            r_new = tok([rows[i]["response"] for i in new], add_special_tokens=False)["input_ids"]
+            p_ids.update(zip(new, p_new))
+            r_ids.update(zip(new, r_new))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = 50
 
@@ -122,6 +130,7 @@ def train_sft(cfg, device, path):
         if len(order) < cfg.sft_batch:
             order += rng.sample(range(len(rows)), len(rows))
         idx, order = order[:cfg.sft_batch], order[cfg.sft_batch:]
+        tokenise(idx)
         seqs = [p_ids[i] + r_ids[i] + [tok.eos_token_id] for i in idx]
         L = max(map(len, seqs))
         ids = torch.full((len(seqs), L), tok.pad_token_id)
