@@ -39,6 +39,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHASES = ("t_rollout", "t_verify", "t_prm", "t_policy")
+PRM_PARTS = ("t_ref", "t_prm_recompute")  # inside t_prm: the π_ref forward, the double-forward recompute
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def summarize(steps):
     col = lambda f: statistics.median(f(s) for s in steps)  # noqa: E731
     out = {"n": len(steps), "t_step": col(lambda s: s["t_step"]), "t_step_min": min(s["t_step"] for s in steps),
            "cpu_step": col(lambda s: s.get("cpu_step", float("nan")))}
-    for k in PHASES:
+    for k in PHASES + PRM_PARTS:
         out[k] = col(lambda s: s.get(k, 0.0))
     out["t_other"] = col(lambda s: s["t_step"] - sum(s.get(k, 0.0) for k in PHASES))
     out["outside_share"] = col(lambda s: 1.0 - s["t_model"] / s["t_step"])
@@ -355,7 +356,15 @@ def ratio_table(results, smollm2=False):
         rows.append(f"| {label} | {a['t_step'] / b['t_step']:.2f}x | {a['t_step_min'] / b['t_step_min']:.2f}x | "
                     f"{a['cpu_step'] / b['cpu_step']:.2f}x | <= {goal}x |")
     if "prime" in results and "outcome" in results:
-        ratio("PRIME / outcome-only step", results["prime"], results["outcome"], 1.5 if smollm2 else 1.35)
+        p, o = results["prime"], results["outcome"]
+        ratio("PRIME / outcome-only step", p, o, 1.5 if smollm2 else 1.35)
+        # The floor: outcome-only's step plus the work PRIME's algorithm adds and nothing else: the
+        # π_ref forward and the double-forward recompute as measured, and a PRM update costed at
+        # outcome-only's own policy update (same shapes, same LoRA rank).
+        floor = (o["t_step"] + p["t_ref"] + o["t_policy"] + p["t_prm_recompute"]) / o["t_step"]
+        rows.append(f"| PRIME / outcome-only floor: + π_ref forward ({p['t_ref']:.3f} s) + one more update "
+                    f"({o['t_policy']:.3f} s) + PRM recompute ({p['t_prm_recompute']:.3f} s) | {floor:.2f}x | - | - | "
+                    f"PRIME's PRM phase {p['t_prm']:.3f} s against {p['t_ref'] + o['t_policy'] + p['t_prm_recompute']:.3f} s |")
     if "TRL RLOO" in results and "outcome, no filter" in results:
         ratio("ours / TRL RLOOTrainer, same work", results["outcome, no filter"], results["TRL RLOO"], 0.6)
     if smollm2 and "prime" in results:

@@ -225,7 +225,9 @@ def prm_step(model, batch, logp_ref, cfg, opt_prm, labelled=None):
     if labelled:
         stats.update(step_truth(labelled, cfg.beta * q))  # (B, T) β·q_t before the update
     if cfg.prm_update == "double":  # single: no forward whose only use would be the ranking after the update
+        t = time.time()
         logp_phi = shared_logprobs(model, batch, cfg)  # (B, T) the updated PRM
+        stats["t_prm_recompute"] = time.time() - t
         q = prm.implicit_rewards(logp_phi, logp_ref, batch.mask)  # (B, T)
         stats["prm_acc_after"] = prm.pairwise_accuracy(q, batch.r_o, batch.mask, K)
     return q, stats
@@ -473,6 +475,7 @@ def run(cfg):
                         logp_ref = shared_logprobs(model, batch, cfg)
                 else:
                     logp_ref = logp_old
+                m["t_ref"] = time.time() - t  # (part of t_prm: bench.py's floor of PRIME's step counts it)
                 q, st = prm_step(model, batch, logp_ref, cfg, opt_prm, labelled)
                 m.update(st)
                 m["t_prm"] = time.time() - t

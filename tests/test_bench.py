@@ -38,9 +38,14 @@ def test_ratio_table_holds_every_ratio_with_its_goal():
         return {"t_step": step, "t_step_min": fastest, "cpu_step": cpu}
     res = {"prime": arm(3.0, 2.0, 6.0), "outcome": arm(2.0, 1.6, 4.0), "outcome, no filter": arm(1.0, 0.9, 2.0),
            "TRL RLOO": arm(2.0, 1.5, 4.0)}
+    res["prime"].update(t_ref=0.2, t_prm_recompute=0.3, t_prm=1.2)
+    res["outcome"].update(t_policy=0.5)
     lines = bench.ratio_table(res).splitlines()
     assert lines[2] == "| PRIME / outcome-only step | 1.50x | 1.25x | 1.50x | <= 1.35x |"
-    assert lines[3] == "| ours / TRL RLOOTrainer, same work | 0.50x | 0.60x | 0.50x | <= 0.6x |" and len(lines) == 4
+    # floor = (2.0 + 0.2 + 0.5 + 0.3) / 2.0 = 1.50
+    assert lines[3] == ("| PRIME / outcome-only floor: + π_ref forward (0.200 s) + one more update (0.500 s) + PRM "
+                        "recompute (0.300 s) | 1.50x | - | - | PRIME's PRM phase 1.200 s against 1.000 s |")
+    assert lines[4] == "| ours / TRL RLOOTrainer, same work | 0.50x | 0.60x | 0.50x | <= 0.6x |" and len(lines) == 5
     small = bench.ratio_table(res, smollm2=True).splitlines()
     assert small[2].endswith("<= 1.5x |") and small[-1] == "| PRIME step, seconds | 3.0 | 2.0 | 6.0 | <= 25 |"
     assert bench.ratio_table({"outcome": res["outcome"]}) == ""
