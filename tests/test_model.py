@@ -136,6 +136,44 @@ def test_shared_prompt_forward_equals_each_row_whole(tok, chunk):
     assert torch.all(l1[batch.mask == 0] == 0)
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_shared_prefill_generates_what_each_row_whole_generates(tok, greedy):
+    """generate() prefills each run of rows with the same prompt once and repeats its KV cache:
+    the same tokens as prefilling every row (greedy, and sampled from the same seed), with
+    left-padded prompts of three lengths and generation batches of 3 that cut the groups of 4."""
+    cfg = tiny_cfg()
+    model = make_model(tok, cfg)
+    torch.manual_seed(3)
+    for p in models.adapter_params(model, "policy"):  # a nonzero policy: the merged sampler is not the base
+        p.data.normal_(0, 0.1)
+    texts = [tasks.prompt_text(tok, [{"role": "user", "content": c}]) for c in ("12+3-4=", "7+8=", "1+22+333-4=")
+             for _ in range(4)]
+    ids, am = sampling.encode_prompts(tok, texts, "cpu")
+    assert len(set(am.sum(1).tolist())) == 3, "three prompt lengths: left padding differs between groups"
+    cache = sampling.shared_prefill(model, ids, am)
+    assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
+    with torch.no_grad():  # the shared cache is each row's own prefill, row by row
+        pos = (am.cumsum(1) - 1).clamp_min(0)
+        own = model(input_ids=ids[:, :-1], attention_mask=am[:, :-1], position_ids=pos[:, :-1], use_cache=True).past_key_values
+    for layer, ref in zip(cache.layers, own.layers):
+        keep = am[:, :-1].bool()  # (B, Tp-1) positions that are not padding
+        torch.testing.assert_close(layer.keys.transpose(1, 2)[keep], ref.keys.transpose(1, 2)[keep], rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer.values.transpose(1, 2)[keep], ref.values.transpose(1, 2)[keep], rtol=0, atol=1e-5)
+    assert sampling.shared_prefill(model, ids[::4], am[::4]) is None, "no two rows share a prompt: nothing to share"
+    outs = []
+    for share in (True, False):
+        with mock.patch.object(sampling, "shared_prefill", sampling.shared_prefill if share else (lambda *a: None)):
+            for batch_size in (0, 3):
+                torch.manual_seed(7)
+                outs.append(sampling.generate(model, tok, ids, am, 12, 1.0, greedy=greedy, batch_size=batch_size))
+    for (r1, m1), (r2, m2) in zip(outs[:2], outs[2:]):  # shared against whole, at each generation batch size
+        assert torch.equal(r1, r2) and torch.equal(m1, m2)
+    if greedy:  # (sampled rows in batches of 3 draw their random numbers in another order)
+        assert torch.equal(outs[0][0], outs[1][0]), "greedy: the batch size changes nothing"
+    if not greedy:
+        assert len({tuple(r.tolist()) for r in outs[0][0][:4]}) > 1, "sampled: the K rows of a prompt differ"
+
+
 def test_gradient_forwards_with_dropout_or_checkpointing_run_rows_whole(tok):
     cfg = tiny_cfg(lora_dropout=0.1)
     model = make_model(tok, cfg)
