@@ -110,19 +110,12 @@ def shared_prefill(net, prompt_ids, prompt_mask):
     U·(Tp − 1) positions instead of B·(Tp − 1) (SmolLM2's 72-token prompts with K = 4: the prefill
     was 4.1 of a 10 s rollout of 16 rows, one thread). The same numbers up to float rounding."""
     first, run = prompt_groups(prompt_ids, prompt_mask)
-    Tp = prompt_ids.shape[1]
-    if len(first) == prompt_ids.shape[0] or Tp < 2:
+    if len(first) == prompt_ids.shape[0] or prompt_ids.shape[1] < 2:
         return None
     pos = (prompt_mask.cumsum(1) - 1).clamp_min(0)  # (B, Tp) positions that skip left padding
     with torch.no_grad():
-        head = net(input_ids=prompt_ids[first, :-1], attention_mask=prompt_mask[first, :-1], position_ids=pos[first, :-1],
-                   use_cache=True, logits_to_keep=1)
-    cache = head.past_key_values
-    if cache is None or cache.get_seq_length() != Tp - 1:
-        raise RuntimeError(f"{type(net).__name__} returned no KV cache of the {Tp - 1} prompt positions; "
-                           "sampling.shared_prefill needs one to share prompts between rows")
-    cache.batch_select_indices(run)  # (U, ...) -> (B, ...): each row's prompt
-    return cache
+        return repeated_prompt_cache(net, prompt_ids[:, :-1], prompt_mask[:, :-1], pos[:, :-1], first, run,
+                                     logits_to_keep=1)[1]
 
 
 def decode_responses(tok, resp, mask):
@@ -188,15 +181,24 @@ def predicting_outputs(net, prompt_ids, prompt_mask, resp, mask, key, per_row=Fa
     if per_row or len(first) == B or T == 0:
         ids = torch.cat([prompt_ids, resp], 1)  # (B, Tp+T)
         return net(input_ids=ids, attention_mask=attn, position_ids=pos, **keep)[key][:, -T - 1:-1]
-    head = net(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=pos[first, :Tp],
-               use_cache=True, **({"logits_to_keep": 1} if keep else {}))
+    head, cache = repeated_prompt_cache(net, prompt_ids, prompt_mask, pos[:, :Tp], first, run,
+                                        **({"logits_to_keep": 1} if keep else {}))
+    tail = net(input_ids=resp, attention_mask=attn, position_ids=pos[:, Tp:], past_key_values=cache, use_cache=True)
+    return torch.cat([head[key][run, -1:], tail[key][:, :-1]], 1)  # (B, T, ·)
+
+
+def repeated_prompt_cache(net, prompt_ids, prompt_mask, pos, first, run, **kw):
+    """Run the distinct prompts (rows `first`, prompt_groups) through the net once and repeat
+    their KV cache for every row (`run`): (the net's output for the distinct prompts, the cache of
+    all B rows). Shared by predicting_outputs and shared_prefill."""
+    Tp = prompt_ids.shape[1]
+    head = net(input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=pos[first], use_cache=True, **kw)
     cache = head.past_key_values
     if cache is None or cache.get_seq_length() != Tp:
         raise RuntimeError(f"{type(net).__name__} returned no KV cache of the {Tp} prompt positions; "
-                           "sampling.predicting_outputs needs one to share prompts between rows")
+                           "sampling needs one to share prompts between rows")
     cache.batch_select_indices(run)  # (U, ...) -> (B, ...): each row's prompt
-    tail = net(input_ids=resp, attention_mask=attn, position_ids=pos[:, Tp:], past_key_values=cache, use_cache=True)
-    return torch.cat([head[key][run, -1:], tail[key][:, :-1]], 1)  # (B, T, ·)
+    return head, cache
 
 
 def head_logprobs(head, h, y):
