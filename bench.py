@@ -294,6 +294,9 @@ def main(argv=None):
     ap.add_argument("--arms", default="prime,outcome,outcome-nofilter,trl",
                     help="comma-separated subset of prime, outcome, outcome-nofilter, trl")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL arm")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every arm this many times, the arms alternating; the ratios are then "
+                         "also given per repeat (median and range over the repeats)")
     ap.add_argument("--json", default="", help="also write the results to this file")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
@@ -308,16 +311,33 @@ def main(argv=None):
         return
 
     key = {"prime": "prime", "outcome": "outcome", "outcome-nofilter": "outcome, no filter", "trl": "TRL RLOO"}
+    unknown = [a for a in args.arms.split(",") if a not in key]
+    if unknown:
+        sys.exit(f"bench.py --arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(key)}")
+    if args.repeats < 1:
+        sys.exit(f"bench.py --repeats {args.repeats}: must be at least 1")
     names = [key[a] for a in args.arms.split(",")]
     if "TRL RLOO" in names and (args.no_trl or not _have_trl()):
         print("TRL arm skipped: " + ("--no-trl" if args.no_trl else
               "trl is not installed (pip install -r requirements-bench.txt)"))
         names.remove("TRL RLOO")
-    print(f"bench: {args.warmup} warm-up + {args.steps} measured steps per arm, threads "
-          f"{args.threads or 'default'}, prime_mini flags {pm_argv or '(defaults)'}")
-    raw = {n: run_arm(n, args, pm_argv) for n in names}
+    print(f"bench: {args.warmup} warm-up + {args.steps} measured steps per arm"
+          + (f", {args.repeats} repeats (arms alternate)" if args.repeats > 1 else "")
+          + f", threads {args.threads or 'default'}, prime_mini flags {pm_argv or '(defaults)'}")
+    runs = []  # per repeat: arm -> its worker's {"steps", "rss_mb"}
+    for r in range(args.repeats):
+        # Each repeat runs every arm once, back to back, the order rotated so that each arm goes
+        # first as often as the others: a slow spell of the machine then falls on every arm's
+        # share alike, and the ratio of two arms within a repeat is a paired measurement.
+        order = names[r % len(names):] + names[:r % len(names)]
+        if args.repeats > 1:
+            print(f"repeat {r + 1}/{args.repeats}: {', '.join(order)}", flush=True)
+        runs.append({n: run_arm(n, args, pm_argv) for n in order})
+    raw = {n: {"steps": [s for run in runs for s in run[n]["steps"]], "rss_mb": max(run[n]["rss_mb"] for run in runs)}
+           for n in names}  # every repeat's measured steps, pooled
     results = {n: {**summarize(r["steps"]), "rss_mb": r["rss_mb"]} for n, r in raw.items()}
-    print("\nMedian seconds per RL step and per phase\n")
+    per_repeat = [{n: {**summarize(run[n]["steps"]), "rss_mb": run[n]["rss_mb"]} for n in names} for run in runs]
+    print("\nMedian seconds per RL step and per phase" + (f" (the {args.repeats} repeats' steps pooled)" if args.repeats > 1 else "") + "\n")
     print(fmt_table(results))
     print()
     if "prime" in results and "outcome" in results:
@@ -325,7 +345,7 @@ def main(argv=None):
         print(f"PRIME / outcome step time: {p['t_step'] / o['t_step']:.2f}x median, "
               f"{p['t_step_min'] / o['t_step_min']:.2f}x fastest step, {p['cpu_step'] / o['cpu_step']:.2f}x CPU time "
               "(paper: 1.28x)")
-    table = ratio_table(results, "smollm2-135m" in pm_argv)
+    table = ratio_table(results, "smollm2-135m" in pm_argv, per_repeat)
     if table:
         print("\nThe ratios against their goals (BENCHMARKS.md)\n")
         print(table)
@@ -342,37 +362,71 @@ def main(argv=None):
         print(f"| fastest step (less sensitive to load) | {ours['t_step_min']:.3f} | {trl['t_step_min']:.3f} | "
               f"{ours['t_step_min'] / trl['t_step_min']:.2f} |")
     if args.json:
-        json.dump({"results": results, "raw": raw, "argv": argv}, open(args.json, "w"), indent=1)
+        json.dump({"results": results, "raw": raw, "per_repeat": per_repeat, "argv": argv}, open(args.json, "w"), indent=1)
 
 
-def ratio_table(results, smollm2=False):
+def paired(per_repeat, f):
+    """f(one repeat's results) for every repeat that has the arms f reads: one figure per repeat,
+    each from arms that ran back to back (a paired measurement)."""
+    out = []
+    for r in per_repeat:
+        try:
+            out.append(f(r))
+        except KeyError:
+            pass
+    return out
+
+
+def spread(values, fmt):
+    """'median (min-max)' of one figure over the repeats, e.g. spread([1.6, 1.7, 1.5], '{:.2f}x') ->
+    '1.60x (1.50x-1.70x)'."""
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def ratio_table(results, smollm2=False, per_repeat=()):
     """One Markdown table of the figures with a goal: PRIME / outcome-only step time (goal 1.35x on
     the tiny default, 1.5x on the SmolLM2 preset; the paper measured 1.28x), ours / TRL on the same
     work (0.6x), and on the SmolLM2 preset PRIME's median step (25 s). Each as median, fastest step
-    and CPU time where they apply; '' when no arm pair is there."""
-    rows = []
+    and CPU time where they apply; '' when no arm pair is there. With `per_repeat` (one results
+    dict per repeat, more than one), a last column gives the figure per repeat, each from arms that
+    ran back to back: the median of those paired figures and their range, the spread to read a
+    gap to a goal against."""
+    rows, repeats = [], len(per_repeat) > 1
+
+    def row(cells, f, fmt):
+        extra = f" {spread(paired(per_repeat, f), fmt)} |" if repeats else ""
+        rows.append("| " + " | ".join(cells[:-1]) + " |" + extra + f" {cells[-1]} |")
 
     def ratio(label, a, b, goal):
-        rows.append(f"| {label} | {a['t_step'] / b['t_step']:.2f}x | {a['t_step_min'] / b['t_step_min']:.2f}x | "
-                    f"{a['cpu_step'] / b['cpu_step']:.2f}x | <= {goal}x |")
-    if "prime" in results and "outcome" in results:
-        p, o = results["prime"], results["outcome"]
-        ratio("PRIME / outcome-only step", p, o, 1.5 if smollm2 else 1.35)
+        x, y = results[a], results[b]
+        row([label, f"{x['t_step'] / y['t_step']:.2f}x", f"{x['t_step_min'] / y['t_step_min']:.2f}x",
+             f"{x['cpu_step'] / y['cpu_step']:.2f}x", f"<= {goal}x"], lambda r: r[a]["t_step"] / r[b]["t_step"], "{:.2f}x")
+
+    def floor(r):
         # The floor: outcome-only's step plus the work PRIME's algorithm adds and nothing else: the
         # π_ref forward and the double-forward recompute as measured, and a PRM update costed at
         # outcome-only's own policy update (same shapes, same LoRA rank).
+        p, o = r["prime"], r["outcome"]
         extra = p["t_ref"] + o["t_policy"] + p["t_prm_recompute"]
-        rows.append(f"| PRIME / outcome-only floor: + π_ref forward ({p['t_ref']:.3f} s) + one more update "
-                    f"({o['t_policy']:.3f} s) + PRM recompute ({p['t_prm_recompute']:.3f} s) | "
-                    f"{(o['t_step'] + extra) / o['t_step']:.2f}x | - | - | PRIME's PRM phase {p['t_prm']:.3f} s against {extra:.3f} s |")
+        return (o["t_step"] + extra) / o["t_step"], extra
+    if "prime" in results and "outcome" in results:
+        p, o = results["prime"], results["outcome"]
+        ratio("PRIME / outcome-only step", "prime", "outcome", 1.5 if smollm2 else 1.35)
+        value, extra = floor(results)
+        row([f"PRIME / outcome-only floor: + π_ref forward ({p['t_ref']:.3f} s) + one more update "
+             f"({o['t_policy']:.3f} s) + PRM recompute ({p['t_prm_recompute']:.3f} s)", f"{value:.2f}x", "-", "-",
+             f"PRIME's PRM phase {p['t_prm']:.3f} s against {extra:.3f} s"], lambda r: floor(r)[0], "{:.2f}x")
     if "TRL RLOO" in results and "outcome, no filter" in results:
-        ratio("ours / TRL RLOOTrainer, same work", results["outcome, no filter"], results["TRL RLOO"], 0.6)
+        ratio("ours / TRL RLOOTrainer, same work", "outcome, no filter", "TRL RLOO", 0.6)
     if smollm2 and "prime" in results:
         p = results["prime"]
-        rows.append(f"| PRIME step, seconds | {p['t_step']:.1f} | {p['t_step_min']:.1f} | {p['cpu_step']:.1f} | <= 25 |")
+        row(["PRIME step, seconds", f"{p['t_step']:.1f}", f"{p['t_step_min']:.1f}", f"{p['cpu_step']:.1f}", "<= 25"],
+            lambda r: r["prime"]["t_step"], "{:.1f}")
     if not rows:
         return ""
-    return "\n".join(["| figure | median | fastest step | CPU time | goal |", "|---|---|---|---|---|"] + rows)
+    head = "| figure | median | fastest step | CPU time |" + (
+        f" per repeat: median (range) of {len(per_repeat)} |" if repeats else "") + " goal |"
+    return "\n".join([head, "|" + "---|" * (head.count("|") - 1)] + rows)
 
 
 def _have_trl():

@@ -101,13 +101,19 @@ def _parse_gold(ground_truth, timeout):
     return gold
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # an integer literal, ASCII digits only
+
+
 def math_equal(answer, ground_truth):
     """Is `answer` mathematically the same as `ground_truth`? (math-verify; exact match first).
 
     Example: math_equal("0.5", "\\frac{1}{2}") -> True; math_equal("50\\%", "0.5") -> True
     """
-    if answer.replace(" ", "") == str(ground_truth).replace(" ", ""):
+    a, g = answer.replace(" ", ""), str(ground_truth).replace(" ", "")
+    if a == g:
         return True  # identical strings are equal; skips the parser on the common case
+    if _INTEGER.fullmatch(a) and _INTEGER.fullmatch(g):
+        return int(a) == int(g)  # two integers (the embedded task's every answer): no parse needed (0.65 ms each)
     timeout = _timeout()
     gold = _parse_gold(str(ground_truth), timeout)
     pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout)

@@ -51,21 +51,46 @@ def test_ratio_table_holds_every_ratio_with_its_goal():
     assert bench.ratio_table({"outcome": res["outcome"]}) == ""
 
 
+def test_repeats_column_gives_median_and_range_of_the_paired_ratios():
+    def arm(step):
+        return {"t_step": step, "t_step_min": step, "cpu_step": step}
+    reps = [{"prime": arm(3.0), "outcome": arm(2.0)}, {"prime": arm(4.0), "outcome": arm(2.0)},
+            {"prime": arm(3.0), "outcome": arm(2.5)}]
+    for r in reps:
+        r["prime"].update(t_ref=0.1, t_prm_recompute=0.1, t_prm=1.0)
+        r["outcome"].update(t_policy=0.3)
+    pooled = {"prime": {**arm(3.0), "t_ref": 0.1, "t_prm_recompute": 0.1, "t_prm": 1.0},
+              "outcome": {**arm(2.0), "t_policy": 0.3}}
+    lines = bench.ratio_table(pooled, per_repeat=reps).splitlines()
+    assert lines[0] == "| figure | median | fastest step | CPU time | per repeat: median (range) of 3 | goal |"
+    # paired ratios 3/2, 4/2, 3/2.5 = 1.5, 2.0, 1.2: median 1.50, range 1.20-2.00 (a median of ratios,
+    # not the ratio of the pooled medians, which is also 1.50 here by construction of `pooled`)
+    assert lines[2] == "| PRIME / outcome-only step | 1.50x | 1.50x | 1.50x | 1.50x (1.20x-2.00x) | <= 1.35x |"
+    # floors (2 + 0.5) / 2 = 1.25, 1.25, (2.5 + 0.5) / 2.5 = 1.20
+    assert lines[3].endswith("| 1.25x | - | - | 1.25x (1.20x-1.25x) | PRIME's PRM phase 1.000 s against 0.500 s |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines), "every row has every column"
+    one = bench.ratio_table(pooled, per_repeat=reps[:1]).splitlines()
+    assert one[0] == "| figure | median | fastest step | CPU time | goal |", "one repeat: no per-repeat column"
+
+
 def test_bench_runs_end_to_end_on_a_micro_configuration(tmp_path):
     micro = ["--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--tiny-intermediate", "64",
              "--sft-steps", "20", "--sft-batch", "16", "--P", "4", "--K", "2", "--max-new-tokens", "16",
              "--micro-batch", "4", "--filter-low", "0", "--filter-high", "1"]
     have_trl = importlib.util.find_spec("trl") is not None
     arms = "prime,outcome" + (",outcome-nofilter,trl" if have_trl else "")
-    argv = [sys.executable, "bench.py", "--steps", "2", "--warmup", "1", "--threads", "1", "--arms", arms,
+    argv = [sys.executable, "bench.py", "--steps", "2", "--warmup", "1", "--threads", "1", "--arms", arms, "--repeats", "2",
             "--out-dir", str(tmp_path), "--json", str(tmp_path / "bench.json"), "--"] + micro
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "| prime |" in out.stdout and "| outcome |" in out.stdout and "PRIME / outcome step time" in out.stdout
     assert "| PRIME / outcome-only step |" in out.stdout, "the ratio table"
+    assert "repeat 2/2: outcome" in out.stdout and "per repeat: median (range) of 2" in out.stdout, "arms alternate"
+    import json
+    saved = json.load(open(tmp_path / "bench.json"))
+    assert len(saved["per_repeat"]) == 2 and len(saved["raw"]["prime"]["steps"]) == 4, "2 steps x 2 repeats pooled"
     if have_trl:
         assert "| TRL RLOO |" in out.stdout and "ours / TRL" in out.stdout
-    assert (tmp_path / "bench.json").exists()
 
 
 def test_the_wrapped_model_calls_are_the_ones_the_loop_and_the_evaluation_make():

@@ -108,6 +108,15 @@ def test_a_ground_truth_math_verify_cannot_parse_is_warned_about_once(recwarn):
     assert len(recwarn) == 1, "a ground truth that parses is not warned about"
 
 
+@pytest.mark.parametrize("answer, gold", [("45", "45"), ("46", "45"), ("045", "45"), ("+7", "7"), ("-0", "0"),
+                                          ("-3", "3"), ("12", "21"), ("-12", "-12"), ("1 000", "1000"), ("7", "-7")])
+def test_integer_shortcut_agrees_with_math_verify(answer, gold):
+    # math_equal compares two integer literals itself; the library's own verdict on the same pair
+    from math_verify import parse, verify
+    by_library = bool(verify(parse(f"\\boxed{{{gold}}}"), parse(f"\\boxed{{{answer.replace(' ', '')}}}")))
+    assert verifiers.math_equal(answer, gold) is by_library
+
+
 def test_pathological_math_answer_is_cut_off_by_the_time_limit():
     t = time.monotonic()
     score, reason = verifiers.math_reward("\\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "^{9^{9^{9}}}}", "1")
