@@ -15,7 +15,9 @@ RL steps that are not counted and then `steps` that are, and reports per-step me
                        P, K, max new tokens, sampling (T=1, no top-k/top-p), LoRA (rank, alpha,
                        targets), learning rate, one policy update per step, and our verifier as
                        its reward function. Needs `pip install -r requirements-bench.txt`; skipped
-                       with a message when trl is not installed.
+                       with a message when trl is not installed. Our arms run with the allocator
+                       setting that run() makes (models.keep_freed_memory); TRL's with glibc's
+                       default, as its users run it, unless --trl-keep-freed-memory.
 
 Phases of our step come from the run's own metrics.jsonl (t_rollout, t_verify, t_prm, t_policy,
 t_step; other = step - the four). "model calls" is the time inside generate, forwards
@@ -179,6 +181,8 @@ def worker_trl(args, pm_argv):
     cfg = config.parse_config(pm_argv + ["--no-show-progress", "--out-dir", args.out_dir])
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.trl_keep_freed_memory:  # the allocator setting our run() makes, for TRL's process too
+        models.keep_freed_memory()
     torch.manual_seed(cfg.seed)
     path = cfg.model or sft.sft_warmup(cfg, "cpu")
     tok = models.load_tokenizer(path)
@@ -275,7 +279,8 @@ def run_arm(name, args, pm_argv):
     kind = "trl" if name.startswith("TRL") else "ours"
     argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--arm", name.replace(", ", "-").replace(" ", "-"),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-            "--out-dir", args.out_dir, "--"] + pm_argv + ARMS[name]
+            "--out-dir", args.out_dir] + (["--trl-keep-freed-memory"] if args.trl_keep_freed_memory else []) + [
+            "--"] + pm_argv + ARMS[name]
     t = time.time()
     out = subprocess.run(argv, cwd=HERE, capture_output=True, text=True)
     if out.returncode != 0:
@@ -297,6 +302,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every arm this many times, the arms alternating; the ratios are then "
                          "also given per repeat (median and range over the repeats)")
+    ap.add_argument("--trl-keep-freed-memory", action="store_true",
+                    help="give the TRL arm the allocator setting that prime_mini's run() makes for itself "
+                         "(models.keep_freed_memory): separates the allocator's share of ours / TRL from the code's")
     ap.add_argument("--json", default="", help="also write the results to this file")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)

@@ -24,7 +24,7 @@ import steps
 from checkpoints import latest_checkpoint, load_adapters, write_json
 from config import Config, explicit_fields, in_use, parse_config, saved_config
 from evaluation import leading, prm_scored_samples
-from models import ConfigError, add_adapters, load_base, run_device
+from models import ConfigError, add_adapters, keep_freed_memory, load_base, run_device
 from tasks import check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, prompt_text
 
 
@@ -519,6 +519,7 @@ def chain_sft(lengths, sft_seed, common, out_dir):
         cfg = parse_config(common + flags)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        keep_freed_memory()  # as run() does: reuse freed activations (models.keep_freed_memory)
         path = sft_warmup(cfg, run_device(cfg))  # seeds itself; every RL run after it does too
         out[n] = (chain_flags(n, init), path)
         init = path

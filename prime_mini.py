@@ -73,7 +73,7 @@ from checkpoints import (latest_checkpoint, load_checkpoint, load_prm_init, make
 from config import check_run_dir_free, new_run_dir, parse_config, print_memory_plan, saved_config
 from evaluation import (answered, drop_warning, evaluate, final_scored_samples, held_out_step_truth, start_report,
                         step_truth)
-from models import ConfigError, add_adapters, adapter_params, load_base, run_device
+from models import ConfigError, add_adapters, adapter_params, keep_freed_memory, load_base, run_device
 from sampling import Rollout, decode_responses, encode_prompts, generate, pad_cat, token_logprobs
 from sft import SHIPPED_SFT, sft_path, sft_warmup
 from tasks import (check_sandbox, drop_long_prompts, is_step_task, label_batch, load_rows, oracle_process_rewards,
@@ -364,6 +364,7 @@ def run(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # reuse freed activations instead of page-faulting them back in every forward
     device = parallel.setup(run_device(cfg))  # under torchrun: join the job (cuda:LOCAL_RANK on GPUs)
     main_rank = parallel.is_main()  # rank 0 evaluates, prints, logs and writes; one process is rank 0
     if not main_rank:

@@ -537,3 +537,43 @@ def test_start_report_says_inside_or_warns_outside_the_band_of_the_embedded_defa
     assert evaluation.start_report(config.Config(), dict(inside, acc_before=lo - 0.01)).startswith("warning: the SFT model")
     assert evaluation.start_report(config.Config(), dict(inside, greedy_before=ghi + 0.01)).startswith("warning: the SFT model")
     assert evaluation.start_report(config.Config(model="some/model"), inside) is None  # the band belongs to the tiny default
+
+
+ALLOCATOR_PROBE = """
+import ctypes, sys, torch
+sys.path.insert(0, {root!r})
+import models
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+kept = models.keep_freed_memory() if sys.argv[1] == "keep" else None
+before = libc.mallinfo2()
+x = torch.ones(4 * 1024 * 1024)  # 16 MB: one block of a tiny-default forward's size
+during = libc.mallinfo2()
+del x
+after = libc.mallinfo2()
+print(kept, during.hblkhd - before.hblkhd, after.arena)  # bytes in new mappings; bytes the heap keeps
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_keep_freed_memory_serves_a_forward_sized_block_from_the_heap_and_keeps_it_after_free():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE.format(root=root), mode], capture_output=True,
+                           text=True, timeout=120)
+        if "mallinfo2" in r.stderr:
+            pytest.skip("glibc older than 2.33 (no mallinfo2)")
+        assert r.returncode == 0, r.stderr[-2000:]
+        kept, mapped, heap = r.stdout.split()
+        out[mode] = (kept, int(mapped), int(heap))
+    mb = 1024 * 1024
+    # glibc's default maps a 16 MB block on its own (and unmaps it when freed: its pages are
+    # faulted in again by the next forward) ...
+    assert out["default"][1] >= 16 * mb, f"default: {out['default']}"
+    # ... keep_freed_memory serves it from the heap, which keeps it after the free, for reuse
+    assert out["keep"][0] == "True", "mallopt did not take both settings"
+    assert out["keep"][1] == 0 and out["keep"][2] >= 16 * mb, f"keep: {out['keep']}"
