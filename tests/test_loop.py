@@ -23,6 +23,7 @@ import models
 import prime_mini as pm
 import prm
 import sampling
+import steps
 import tasks
 from test_model import tiny_cfg
 
@@ -713,3 +714,24 @@ def test_after_rl_the_step_metrics_and_the_reward_page_share_one_draw_of_samples
     drawn = [experiments.token_pieces(world.tok, batch.resp[i, :int(batch.mask[i].sum())].tolist())
              for i in range(4 * cfg.K)]
     assert all(s in drawn for s in shown), "the page shows samples of that same draw"
+
+
+def test_label_batch_labels_each_response_as_a_plain_loop_decoding_every_token_would(world):
+    K = 2
+    rows = arith_rows([p for p, _ in GROUPS])
+    texts = [t for _, ts in GROUPS for t in ts]
+    seqs = [world.tok(t, add_special_tokens=False)["input_ids"] + [world.tok.eos_token_id] for t in texts]
+    T = max(map(len, seqs)) + 2
+    resp = torch.tensor([s + [world.tok.pad_token_id] * (T - len(s)) for s in seqs])
+    mask = torch.tensor([[1.0] * len(s) + [0.0] * (T - len(s)) for s in seqs])
+    tasks._PIECES.pop(world.tok, None)  # a tokenizer seen for the first time, then again (remembered pieces)
+    for _ in range(2):
+        got = tasks.label_batch(rows, resp, mask, world.tok, K)
+        for i, (labels, spans, box, n) in enumerate(got):  # the plain loop: every token decoded alone
+            tokens = [world.tok.decode([t], skip_special_tokens=True) for t in resp[i, :int(mask[i].sum())].tolist()]
+            text = "".join(tokens)
+            want = steps.label_steps(rows[i // K]["prompt"][-1]["content"], text)
+            assert n == len(tokens) and labels == want, i
+            assert spans == steps.token_spans([s.span for s in want.steps], tokens, text), i
+            assert box == steps.token_spans([want.box_span], tokens, text)[0], i
+    assert got[1][0].first_wrong is not None and got[0][0].first_wrong is None, "the hand-written wrong step is found"
