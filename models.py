@@ -552,8 +552,8 @@ def keep_freed_memory():
     policy forward: 128 rows × ~70 positions × a 512-wide MLP, 18 MB a block). By default glibc
     serves a block above its mmap threshold with a new mapping and unmaps it when it is freed, so
     the next forward touches every page again: 49k minor page faults per policy forward of
-    outcome-only RLOO, 87k-102k in PRIME (whose other forwards leave the heap in another state),
-    measured as a third of PRIME's policy forward (BENCHMARKS.md). With the threshold at glibc's
+    outcome-only RLOO, 86k-102k in PRIME (whose other forwards leave the heap in another state):
+    0.19 s of PRIME's policy forward against 0.13 s without them (BENCHMARKS.md, item 6). With the threshold at glibc's
     largest (32 MB) and no trimming of the heap's top, freed blocks are reused: no page faults
     there, and the same numbers (an allocator setting changes no arithmetic). Peak memory stays
     what the largest step needs; the heap keeps it between steps. Does nothing where the C library
