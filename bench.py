@@ -373,18 +373,6 @@ def main(argv=None):
         json.dump({"results": results, "raw": raw, "per_repeat": per_repeat, "argv": argv}, open(args.json, "w"), indent=1)
 
 
-def paired(per_repeat, f):
-    """f(one repeat's results) for every repeat that has the arms f reads: one figure per repeat,
-    each from arms that ran back to back (a paired measurement)."""
-    out = []
-    for r in per_repeat:
-        try:
-            out.append(f(r))
-        except KeyError:
-            pass
-    return out
-
-
 def spread(values, fmt):
     """'median (min-max)' of one figure over the repeats, e.g. spread([1.6, 1.7, 1.5], '{:.2f}x') ->
     '1.60x (1.50x-1.70x)'."""
@@ -402,7 +390,7 @@ def ratio_table(results, smollm2=False, per_repeat=()):
     rows, repeats = [], len(per_repeat) > 1
 
     def row(cells, f, fmt):
-        extra = f" {spread(paired(per_repeat, f), fmt)} |" if repeats else ""
+        extra = f" {spread([f(r) for r in per_repeat], fmt)} |" if repeats else ""  # every repeat ran every arm
         rows.append("| " + " | ".join(cells[:-1]) + " |" + extra + f" {cells[-1]} |")
 
     def ratio(label, a, b, goal):

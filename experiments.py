@@ -511,6 +511,7 @@ def chain_sft(lengths, sft_seed, common, out_dir):
     8 -> 16; lengths [16] trains 4 and 4 -> 16."""
     from sft import sft_warmup
     out, init = {}, ""
+    keep_freed_memory()  # as run() does: reuse freed activations (models.keep_freed_memory)
     for n in sorted(set([4] + list(lengths))):
         if n <= 4:
             init = ""  # short chains start from scratch
@@ -519,7 +520,6 @@ def chain_sft(lengths, sft_seed, common, out_dir):
         cfg = parse_config(common + flags)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        keep_freed_memory()  # as run() does: reuse freed activations (models.keep_freed_memory)
         path = sft_warmup(cfg, run_device(cfg))  # seeds itself; every RL run after it does too
         out[n] = (chain_flags(n, init), path)
         init = path

@@ -553,17 +553,16 @@ def keep_freed_memory():
     serves a block above its mmap threshold with a new mapping and unmaps it when it is freed, so
     the next forward touches every page again: 49k minor page faults per policy forward of
     outcome-only RLOO, 86k-102k in PRIME (whose other forwards leave the heap in another state):
-    0.19 s of PRIME's policy forward against 0.13 s without them (BENCHMARKS.md, item 6). With the threshold at glibc's
-    largest (32 MB) and no trimming of the heap's top, freed blocks are reused: no page faults
-    there, and the same numbers (an allocator setting changes no arithmetic). Peak memory stays
-    what the largest step needs; the heap keeps it between steps. Does nothing where the C library
-    is not glibc (macOS, musl). Returns whether both settings took."""
+    0.19 s of PRIME's policy forward against 0.13 s without them (BENCHMARKS.md, item 6). With
+    the threshold at glibc's largest (32 MB) and no trimming of the heap's top, freed blocks are
+    reused: no page faults there, and the same numbers (an allocator setting changes no
+    arithmetic). Peak memory stays what the largest step needs; the heap keeps it between steps.
+    Does nothing where the C library is not glibc (macOS has no mallopt; musl's ignores it).
+    Returns whether both settings took."""
     import ctypes
-    import ctypes.util
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # no glibc
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError):  # no mallopt: not glibc
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
     return bool(mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
