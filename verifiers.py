@@ -101,37 +101,71 @@ def _parse_gold(ground_truth, timeout):
     return gold
 
 
-_INTEGER = re.compile(r"[+-]?[0-9]+")  # an integer literal, ASCII digits only
+_INTEGER = re.compile(r"([+-]?)0*([0-9]+)")  # an integer literal, ASCII digits only: (sign, digits without leading zeros)
+MAX_ANSWER_CHARS = 1000  # a longer answer than this (and than 10x the ground truth) is wrong without a parse
+
+
+def integer_key(literal):
+    """An integer literal as (sign, digits) with leading zeros and a "+" dropped and -0 = 0, or
+    None if it is not one. Compares integers of any length without int(), which refuses more
+    than 4300 digits (Python's limit on str -> int since 3.11). Example: integer_key("-007") -> ("-", "7")"""
+    m = _INTEGER.fullmatch(literal)
+    if m is None:
+        return None
+    digits = m.group(2).lstrip("0") or "0"
+    return ("-" if m.group(1) == "-" and digits != "0" else "", digits)
 
 
 def math_equal(answer, ground_truth):
     """Is `answer` mathematically the same as `ground_truth`? (math-verify; exact match first).
 
+    Never raises: any string a policy can write (huge numbers, deep nesting, odd unicode) is
+    either equal or not, and an answer that makes math-verify raise is not equal
+    (`math_reward` reports that case as "verifier_error").
     Example: math_equal("0.5", "\\frac{1}{2}") -> True; math_equal("50\\%", "0.5") -> True
     """
+    try:
+        return _math_equal(answer, ground_truth)
+    except Exception:  # noqa: BLE001 -- a library failure on an odd answer: not shown equal
+        return False
+
+
+def _math_equal(answer, ground_truth):
+    """math_equal, letting math-verify's own exceptions through. Two integer literals are compared
+    as digit strings (any length: int() refuses more than 4300 digits); an answer longer than
+    MAX_ANSWER_CHARS and 10x the ground truth is not equal without a parse (math-verify's parse of
+    10k nested braces takes its whole time limit, and logs the whole string)."""
     a, g = answer.replace(" ", ""), str(ground_truth).replace(" ", "")
     if a == g:
         return True  # identical strings are equal; skips the parser on the common case
-    if _INTEGER.fullmatch(a) and _INTEGER.fullmatch(g):
-        return int(a) == int(g)  # two integers (the embedded task's every answer): no parse needed (0.65 ms each)
+    ka, kg = integer_key(a), integer_key(g)
+    if ka is not None and kg is not None:
+        return ka == kg  # two integers (the embedded task's every answer): no parse needed (0.65 ms each)
+    if len(a) > max(MAX_ANSWER_CHARS, 10 * len(g)):
+        return False
     timeout = _timeout()
     gold = _parse_gold(str(ground_truth), timeout)
     pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout)
-    return bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout)
+    return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=timeout))
 
 
 def math_reward(response, ground_truth):
-    """(1.0, "correct") or (0.0, "wrong" | "no_answer" | "timeout").
+    """(1.0, "correct") or (0.0, "wrong" | "no_answer" | "timeout" | "verifier_error"). Never raises.
 
     math-verify turns a timed-out parse or comparison into "not equal"; a False that took the
-    whole time limit is reported as "timeout" so a run can see pathological answers.
+    whole time limit is reported as "timeout" so a run can see pathological answers. An answer on
+    which math-verify itself raised scores 0 as "verifier_error" (counted, not fatal).
     Example: math_reward("3+4=7;\\boxed{7}", "7") -> (1.0, "correct")
     """
     answer = extract_answer(response)
     if answer is None or answer == "":
         return 0.0, "no_answer"
     t = time.monotonic()
-    if math_equal(answer, ground_truth):
+    try:
+        equal = _math_equal(answer, ground_truth)
+    except Exception:  # noqa: BLE001 -- one odd answer must not stop the run
+        return 0.0, "verifier_error"
+    if equal:
         return 1.0, "correct"
     return 0.0, "timeout" if time.monotonic() - t >= MATH_TIMEOUT else "wrong"
 
@@ -249,13 +283,17 @@ def outcome_reward(sample, response, limits=sandbox.Limits()):
     return code_reward(response, gt, limits)
 
 
+MAX_ERRORS_SHOWN = 3  # verifier failures logged per batch; every one is counted (reason "verifier_error")
+
+
 def _safe_reward(sample, response, limits):
-    """outcome_reward that never raises: a verifier failure scores 0 with its reason, logged."""
+    """outcome_reward that never raises: (score, reason, what failed or None). A verifier
+    failure scores 0 with reason "verifier_error"."""
     try:
-        return outcome_reward(sample, response, limits)
+        score, reason = outcome_reward(sample, response, limits)
+        return score, reason, (f"its verifier failed on the response {response[:60]!r}" if reason == "verifier_error" else None)
     except Exception as e:  # noqa: BLE001 -- one bad sample must not stop the run
-        warnings.warn(f"verifier failed on sample {sample_name(sample)}: {type(e).__name__}: {e}", RuntimeWarning)
-        return 0.0, "verifier_error"
+        return 0.0, "verifier_error", f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def outcome_rewards(samples, responses, limits=sandbox.Limits(), workers=4):
@@ -280,7 +318,15 @@ def outcome_rewards(samples, responses, limits=sandbox.Limits(), workers=4):
     finally:
         if pool:
             pool.shutdown(wait=True)
-    return out
+    # The first few failures of the batch are logged, the rest only counted: a policy that keeps
+    # writing answers its verifier cannot handle must not flood the log.
+    failed = [(i, why) for i, (_, _, why) in enumerate(out) if why]
+    for i, why in failed[:MAX_ERRORS_SHOWN]:
+        warnings.warn(f"verifier failed on sample {sample_name(samples[i])}: {why}; scored 0 (verifier_error)", RuntimeWarning)
+    if len(failed) > MAX_ERRORS_SHOWN:
+        warnings.warn(f"{len(failed) - MAX_ERRORS_SHOWN} more verifier failures in this batch, scored 0 and counted "
+                      "(verifier_error), not shown", RuntimeWarning)
+    return [(score, reason) for score, reason, _ in out]
 
 
 def _bench(workers, mode):

@@ -125,6 +125,63 @@ def test_pathological_math_answer_is_cut_off_by_the_time_limit():
     assert took < 6 * verifiers.MATH_TIMEOUT, f"took {took:.1f}s"
 
 
+ODD_ANSWERS = {  # answers a policy can write; each must score 0 without raising, and quickly
+    "200k digits": "9" * 200_000, "5000-digit negative": "-" + "1" * 5000, "5000 nested braces": "{" * 5000 + "1" + "}" * 5000,
+    "300 nested fractions": "\\frac{" * 300 + "1" + "}{2}" * 300, "500 nested roots": "\\sqrt{" * 500 + "2" + "}" * 500,
+    "a 10k-digit fraction": "\\frac{" + "9" * 10_000 + "}{3}", "odd unicode": "\u202e\u0663\u0664\U0001F600\ufffd",
+    "a NUL byte": "1\x00", "a lone surrogate": "4\ud8005", "a tower of powers": "9^9^9^9^9", "1e999999": "1e999999",
+    "10**100000": "10**100000", "a 4301-digit decimal": "0." + "3" * 4301,
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_ANSWERS), ids=range(len(ODD_ANSWERS)))
+def test_any_math_answer_scores_zero_without_raising(name):
+    t = time.monotonic()
+    score, reason = verifiers.math_reward("1+2=3;\\boxed{" + ODD_ANSWERS[name] + "}", "45")
+    assert score == 0.0 and reason in ("wrong", "timeout", "verifier_error"), (name, score, reason)
+    assert verifiers.math_equal(ODD_ANSWERS[name], "45") is False, name
+    assert time.monotonic() - t < 3 * verifiers.MATH_TIMEOUT, f"{name}: took {time.monotonic() - t:.1f}s"
+
+
+def test_integers_of_any_length_compare_by_their_digits():
+    big = "1" * 5000  # int() refuses more than 4300 digits
+    assert verifiers.math_equal(big, big) and verifiers.math_equal("+000" + big, big)
+    assert not verifiers.math_equal(big + "0", big) and not verifiers.math_equal("-" + big, big)
+    assert verifiers.math_reward("\\boxed{" + big + "}", "0" + big) == (1.0, "correct")
+    assert verifiers.integer_key("-0") == verifiers.integer_key("+00") == ("", "0")
+
+
+def test_an_answer_math_verify_raises_on_scores_zero_and_is_counted(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("the library broke")
+    monkeypatch.setattr(verifiers, "verify", broken)
+    assert verifiers.math_reward("\\boxed{1/2}", "0.5") == (0.0, "verifier_error")
+    assert verifiers.math_equal("1/2", "0.5") is False
+    rows, texts = [_sample("math", "0.5", i) for i in range(5)], ["\\boxed{1/2}"] * 4 + ["\\boxed{0.5}"]
+    with pytest.warns(RuntimeWarning) as seen:
+        out = verifiers.outcome_rewards(rows, texts)
+    assert out == [(0.0, "verifier_error")] * 4 + [(1.0, "correct")], out
+    messages = [str(w.message) for w in seen]
+    # the first MAX_ERRORS_SHOWN failures are logged by sample, the rest in one line
+    assert sum("verifier failed on sample t#" in m for m in messages) == verifiers.MAX_ERRORS_SHOWN, messages
+    assert any("1 more verifier failures in this batch" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("program", [
+    "print(" * 100_000 + ")" * 100_000,  # the parser's recursion limit
+    "x = 1\x00\n",  # a NUL byte in the source
+    "print('\ud800')",  # a lone surrogate
+    "# " + "y" * 100_000 + "\nprint(2)",  # a 100 kB program
+    "print('9' * 10**7)",  # 10 MB of output
+], ids=["deep-nesting", "nul-byte", "lone-surrogate", "100kB-program", "10MB-output"])
+def test_any_code_response_scores_without_raising(program, code_mode):
+    tests = json.dumps({"inputs": ["1\n"], "outputs": ["2\n"]})
+    out = verifiers.outcome_rewards([_sample("code", tests)], ["```python\n" + program + "\n```"],
+                                    sandbox.Limits(mode=code_mode), workers=1)
+    assert len(out) == 1 and out[0][1] in verifiers.REASONS, out
+    assert out[0][0] == (1.0 if program.endswith("print(2)") else 0.0), out
+
+
 @pytest.mark.parametrize("response, program", [
     ("```python\nprint(1)\n```", "print(1)\n"),
     ("first\n```python\nprint(1)\n```\nthen\n```python\nprint(2)\n```\ndone", "print(2)\n"),
