@@ -79,8 +79,9 @@ class Config:
     merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, 21% faster generate() on the CPU; one more copy of the base in memory)
     gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
     # implicit PRM (paper §3.1, §4.1; ALGORITHM.md §2-3)
-    reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline) | oracle (process rewards from the embedded task's step labels instead of a PRM: what perfect process rewards buy; docs/EXPERIMENTS.md)
+    reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline) | oracle (process rewards from the embedded task's step labels instead of a PRM: what perfect process rewards buy; docs/EXPERIMENTS.md) | mc-value (no PRM: each step's advantage is the change of the policy's Monte-Carlo chance of finishing right, VinePPO, arXiv 2410.01679; embedded task; ALGORITHM.md §12)
     oracle_form: str = "first"  # --reward-mode oracle: first = -1 on the tokens of the first wrong step, every = on those of every wrong step (steps.py)
+    mc_samples: int = 4  # --reward-mode mc-value: continuations sampled from each step's state to estimate its value (VinePPO, arXiv 2410.01679: 9 for training; 4 bounds the CPU step)
     beta: float = 0.05  # β in r_φ = β log π_φ/π_ref (paper §4.1: 0.05)
     prm_update: str = "double"  # single | double | none = never updated (ALGORITHM.md §3.4; [O]/paper: single, [R]: double; ALGORITHM.md §13)
     prm_init: str = ""  # start π_φ from this PRM adapter (a finished run's RUN/adapters/prm) instead of zero; with --prm-update none it stays frozen: the paper's offline PRM (paper §5.1)
@@ -128,7 +129,7 @@ class Config:
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "reward_mode": ("prime", "outcome", "oracle"),
+    "reward_mode": ("prime", "outcome", "oracle", "mc-value"),
     "oracle_form": ("first", "every"),
     "process_credit": ("sum", "min"),
     "prm_update": ("single", "double", "none"),
@@ -207,7 +208,7 @@ FLAG_GROUPS = (
      ("steps", "P", "K", "temperature", "max_new_tokens", "filter_low", "filter_high", "max_rollout_rounds",
       "merged_rollout", "gen_batch")),
     ("implicit PRM", "blocks 4-5: the process rewards r_φ = β log π_φ/π_ref and the PRM's cross-entropy update",
-     ("reward_mode", "oracle_form", "beta", "prm_update", "prm_init", "ref_type", "prm_lora_r", "lr_prm",
+     ("reward_mode", "oracle_form", "mc_samples", "beta", "prm_update", "prm_init", "ref_type", "prm_lora_r", "lr_prm",
       "prm_minibatches", "prm_grad_clip", "prm_warmup", "prm_gate")),
     ("advantages", "block 6: leave-one-out returns from process and outcome rewards, then whitening",
      ("adv_estimator", "prime_norm", "process_coef", "gamma_process", "gamma_outcome", "process_credit")),
@@ -267,6 +268,12 @@ def parse_config(argv=None, new_folder=True):
     # A flag that the chosen --reward-mode never reads would silently change nothing.
     if "oracle_form" in explicit and cfg.reward_mode != "oracle":
         raise ConfigError(f"--oracle-form: only --reward-mode oracle reads it (this run: --reward-mode {cfg.reward_mode})")
+    if "mc_samples" in explicit and cfg.reward_mode != "mc-value":
+        raise ConfigError(f"--mc-samples: only --reward-mode mc-value reads it (this run: --reward-mode {cfg.reward_mode})")
+    unread = [f for f in MC_VALUE_UNREAD if f in explicit] if cfg.reward_mode == "mc-value" else []
+    if unread:  # its advantages are step values (mc_values.py), not returns of process and outcome rewards
+        raise ConfigError(f"--{unread[0].replace('_', '-')}: --reward-mode mc-value does not read it (its advantages "
+                          "are differences of step values, whitened: ALGORITHM.md §12)")
     if "process_credit" in explicit and cfg.process_credit != "sum" and cfg.reward_mode == "outcome":
         raise ConfigError("--process-credit: --reward-mode outcome has no process rewards to credit")
     if cfg.reward_mode == "prime" and cfg.prm_update == "none" and not cfg.prm_init:
@@ -292,6 +299,10 @@ def explicit_fields(argv):
             n = a[2:].split("=")[0].replace("-", "_")
             out.add(n[3:] if n.startswith("no_") and n[3:] in names else n)
     return out
+
+
+# The advantage flags that --reward-mode mc-value does not read (parse_config refuses them given explicitly).
+MC_VALUE_UNREAD = ("adv_estimator", "prime_norm", "process_coef", "gamma_process", "gamma_outcome", "process_credit")
 
 
 # What may change when a run is resumed: everything else comes from the run's config.json, so
@@ -395,7 +406,8 @@ def print_memory_plan(cfg):
 # The allowed ranges of the numeric fields, checked by validate() for flags and config.json alike.
 AT_LEAST_1 = ("steps", "P", "max_new_tokens", "micro_batch", "verify_workers", "prm_minibatches", "policy_minibatches",
               "sft_steps", "sft_batch", "sft_check_every", "max_rollout_rounds", "eval_samples", "lora_r", "prm_lora_r",
-              "max_prompt_len", "logprob_chunk", "tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate")
+              "max_prompt_len", "logprob_chunk", "tiny_hidden", "tiny_layers", "tiny_heads", "tiny_intermediate",
+              "mc_samples")
 AT_LEAST_0 = ("threads", "gen_batch", "prm_warmup", "eval_n", "eval_every", "reward_pages", "truth_prompts", "save_every")
 POSITIVE = ("temperature", "beta", "sft_lr", "lr_prm", "lr_policy", "prm_grad_clip", "policy_grad_clip",
             "gpu_memory_gb", "lora_alpha_ratio")

@@ -182,6 +182,12 @@ ARMS = {  # named arms; any other arm is written NAME:flag=value:flag=value (e.g
     "oracle": ["--reward-mode", "oracle"],
     # PRIME with min-form credit (PURE, arXiv 2504.15275): process return = min of future rewards.
     "min-form": ["--process-credit", "min"],
+    # The oracle without reward-to-go: a token's process return is its own leave-one-out score, so
+    # only the wrong step's tokens carry the -1, not every token before them too.
+    "oracle-g0": ["--reward-mode", "oracle", "--gamma-process", "0"],
+    # No PRM: each step's advantage is the change of the policy's Monte-Carlo chance of finishing
+    # right (VinePPO, arXiv 2410.01679): the true step values, the bound of dense credit here.
+    "mc-value": ["--reward-mode", "mc-value"],
 }
 
 

@@ -31,6 +31,7 @@ modules that the loop calls and that never import it:
     evaluation.py   held-out accuracy, the start report and the drop warning
     checkpoints.py  checkpoints, metrics.jsonl, TensorBoard
     experiments.py  `compare` and the token-reward page (`show-rewards`)
+    mc_values.py    --reward-mode mc-value: Monte-Carlo step values from continuations (VinePPO)
 The algorithm, formula by formula with the paper's equations and where the paper's code
 differs, is written down in docs/ALGORITHM.md (cited below as ALGORITHM.md §N).
 
@@ -65,6 +66,7 @@ import torch
 from tqdm.auto import tqdm
 
 import experiments
+import mc_values
 import parallel
 import prm
 import rl
@@ -306,6 +308,8 @@ def fmt_step(step, cfg, m):
         s += f"step F1 {m['step_f1']:.2f} auc {m.get('step_auroc', float('nan')):.2f} | "
     if cfg.reward_mode != "outcome":
         s += f"|ret| p {m['ret_process']:.3f}{'' if m['process_on'] else ' (off)'} o {m['ret_outcome']:.3f} | "
+    if "mc_rollouts" in m:  # --reward-mode mc-value: continuations sampled this step (their time is in roll)
+        s += f"mc {m['mc_rollouts']} | "
     s += (f"pg {m.get('pg_loss', 0):+.3f} | clip {m.get('clipfrac', 0):.3f} | ent {m.get('entropy', 0):.3f} | len {m['len']:.1f} | "
           f"{m['t_step']:.2f}s (roll {m['t_rollout']:.2f} ver {m['t_verify']:.2f} prm {m.get('t_prm', 0):.2f} pol {m.get('t_policy', 0):.2f}"
           + (f" comm {m['t_comm']:.2f})" if "t_comm" in m else ")"))
@@ -376,8 +380,9 @@ def run(cfg):
     test_rows = load_rows(cfg.test_data)
     check_sandbox(cfg.sandbox, train_rows + test_rows)
     truth = is_step_task(train_rows)  # the embedded task: every step of a response can be checked (steps.py)
-    if cfg.reward_mode == "oracle" and not truth:
-        raise ConfigError(f"--reward-mode oracle: its process rewards come from the step labels of the embedded "
+    if cfg.reward_mode in ("oracle", "mc-value") and not truth:
+        what = "process rewards come" if cfg.reward_mode == "oracle" else "steps (whose values it estimates) come"
+        raise ConfigError(f"--reward-mode {cfg.reward_mode}: its {what} from the step labels of the embedded "
                           f"arithmetic task (rows with data_source 'arith_chain', data/generate.py); {cfg.data} has other rows")
 
     if cfg.resume:
@@ -440,7 +445,7 @@ def run(cfg):
     log, close_log = make_logger(cfg, run_dir, start) if main_rank else (lambda m: None, lambda: None)
 
     use_prm = cfg.reward_mode == "prime"
-    q_source = cfg.reward_mode in ("prime", "oracle")  # process rewards: from the PRM, or from the step labels
+    q_source = cfg.reward_mode in ("prime", "oracle", "mc-value")  # step labels: score the PRM, or give rewards / steps
     bar = tqdm(range(start + 1, cfg.steps + 1), desc="RL", disable=not (cfg.show_progress and main_rank), mininterval=1,
                initial=start, total=cfg.steps)
     for step in bar:
@@ -484,13 +489,21 @@ def run(cfg):
                 q = oracle_process_rewards(labelled, batch.resp.shape[1], cfg.oracle_form)  # (B, T)
 
             # 6. Advantages: RLOO on process and outcome rewards, summed, whitened. Optional guards
-            # (off in [O]): a PRM warm-up, and a gate on the PRM's ranking of fresh samples.
+            # (off in [O]): a PRM warm-up, and a gate on the PRM's ranking of fresh samples. With
+            # --reward-mode mc-value instead: each step's change of the policy's Monte-Carlo value, from
+            # continuations of every step's state (VinePPO; mc_values.py, ALGORITHM.md §12), whitened;
+            # their sampling and verifying count in the step's rollout and verify times.
             if use_prm:
                 if step > 1:  # step 1 scores (part of) the batch with the zero PRM: ties count as 0
                     acc_ema = 0.9 * acc_ema + 0.1 * m["prm_acc_fresh"]
                 m["prm_acc_ema"] = acc_ema
-            m["process_on"] = cfg.reward_mode == "oracle" or (use_prm and step > cfg.prm_warmup and acc_ema >= cfg.prm_gate)
-            A, st = advantages(q, batch, cfg, use_process=m["process_on"])
+            m["process_on"] = (cfg.reward_mode in ("oracle", "mc-value")
+                               or (use_prm and step > cfg.prm_warmup and acc_ema >= cfg.prm_gate))
+            if cfg.reward_mode == "mc-value":
+                A, st = mc_values.mc_advantages(model, tok, batch, labelled, cfg, verify_batch)
+                st["t_rollout"], st["t_verify"] = m["t_rollout"] + st["t_mc"], m["t_verify"] + st["t_mc_verify"]
+            else:
+                A, st = advantages(q, batch, cfg, use_process=m["process_on"])
             m.update(st)
 
             # 7. PPO-clip policy update.

@@ -8,6 +8,7 @@ Implements (docs/ALGORITHM.md §2.4-6, which follows the paper's code [O]):
     process and outcome returns are summed 1:1
   - GRPO (paper Eq. 7) and REINFORCE (Eq. 8) with process rewards, as options
   - min-form credit (PURE, arXiv 2504.15275):       G_t = min_{t' ≥ t} r_t' instead of Σ_{t' ≥ t} r_t'
+  - step-value advantages (VinePPO, arXiv 2410.01679): A_t = V(s_k) − V(s_{k−1}) on the tokens of step k
   - whitening over all valid tokens of the batch (code only)
   - the PPO-clip loss (paper Eq. 6), no KL term (the paper's coefficient is 0), no entropy bonus.
 Pure tensor math: no models, no config object.
@@ -146,6 +147,44 @@ def reinforce_returns(p, r_o, mask, gamma_process=1.0):
     if p is not None:
         returns = returns + reverse_cumsum(p.float() * mask, gamma_process)
     return returns * mask  # (B, T)
+
+
+def leave_one_out_mean(x, K):
+    """mean_{j≠i} x_j over each row's group of K (consecutive rows): RLOO's baseline of row i.
+
+    Example: leave_one_out_mean(tensor([1., 0, 0, 1]), K=2) -> tensor([0., 1., 1., 0.])
+    """
+    g = x.float().view(-1, K)  # (P, K)
+    return ((g.sum(1, keepdim=True) - g) / (K - 1)).flatten()  # (B,)
+
+
+def step_value_advantages(v0, values, ends, n_steps, r_o, mask):
+    """Step-local advantages from state values (`--reward-mode mc-value`; VinePPO, arXiv 2410.01679;
+    ALGORITHM.md §12).
+
+    Response i has n_i = n_steps[i] steps; step k (1-based) ends before token ends[i, k−1]
+    (exclusive, non-decreasing). V(s_0) = v0[i] is the value before the response, V(s_k) =
+    values[i, k−1] the value after step k, and the response's own outcome r_o[i] the value after
+    it. Every token of step k (ends[k−2] ≤ t < ends[k−1], with 0 before step 1) gets
+    V(s_k) − V(s_{k−1}), and every token after the last step (the box, the EOS) r_o − V(s_n): the
+    advantage of the step the token is in, not a reward-to-go. Columns k ≥ n_i of `values` and
+    `ends` are ignored. Over the steps a response's advantages telescope to r_o − V(s_0), RLOO's
+    outcome advantage when V(s_0) is the group's leave-one-out mean, given that a step that ends
+    the response (no token after it) has V = r_o, the value of a finished response.
+    Example: step_value_advantages(tensor([0.5]), tensor([[1.0, 0.25]]), tensor([[2, 4]]), tensor([2]),
+                                   tensor([0.]), torch.ones(1, 6))
+             -> tensor([[0.5, 0.5, -0.75, -0.75, -0.25, -0.25]])   (steps t 0-1, 2-3; box 4-5)
+    """
+    B, T = mask.shape
+    S = values.shape[1]
+    t = torch.arange(T, device=mask.device)  # (T,)
+    counted = torch.arange(S, device=mask.device) < n_steps.view(B, 1)  # (B, S) the response's own steps
+    done = (ends.view(B, 1, S) <= t.view(1, T, 1)) & counted.view(B, 1, S)  # (B, T, S) step k ended at or before t
+    seg = done.sum(-1)  # (B, T) steps finished before token t: t is in step seg+1, or after the last
+    v_ext = torch.cat([v0.view(B, 1), values, torch.zeros(B, 1, dtype=values.dtype, device=values.device)], 1).float()  # (B, S+2)
+    v_ext = v_ext.scatter(1, n_steps.view(B, 1).long() + 1, r_o.view(B, 1).float())  # (B, S+2) r_o after step n_i
+    A = v_ext.gather(1, seg + 1) - v_ext.gather(1, seg)  # (B, T) V(s_{seg+1}) − V(s_seg)
+    return A * mask  # (B, T)
 
 
 def masked_whiten(x, mask):
