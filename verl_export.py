@@ -116,6 +116,8 @@ def check_supported(cfg):
     refuse = [
         (cfg.reward_mode == "oracle", "reward_mode", "its process rewards come from this project's step labels; the "
          "recipe's come from its PRM"),
+        (cfg.reward_mode == "mc-value", "reward_mode", "its advantages come from Monte-Carlo continuations of each of "
+         "this project's task steps (mc_values.py); the recipe has no such estimator"),
         (cfg.adv_estimator != "rloo", "adv_estimator", "recipe/prime's compute_advantage (prime_ray_trainer.py) "
          "raises NotImplementedError for anything but rloo"),
         (cfg.process_credit != "sum", "process_credit", "the recipe's returns are sums "

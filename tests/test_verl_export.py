@@ -240,6 +240,7 @@ def test_a_missing_data_file_stops_through_main_and_writes_nothing(tmp_path, cap
     (["--adv-estimator", "grpo"], "--adv-estimator grpo: no counterpart in veRL 0.6.1's recipe/prime"),
     (["--gamma-process", "0.9"], "--gamma-process 0.9: no counterpart"),
     (["--reward-mode", "oracle"], "--reward-mode oracle: no counterpart"),
+    (["--reward-mode", "mc-value"], "--reward-mode mc-value: no counterpart"),
     (["--ref-type", "policy"], "--ref-type policy: no counterpart"),
     (["--process-credit", "min"], "--process-credit min: no counterpart"),
     (["--P", "6", "--policy-minibatches", "4"], "--policy-minibatches 4: veRL splits the P = 6 prompts"),
