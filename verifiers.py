@@ -101,7 +101,7 @@ def _parse_gold(ground_truth, timeout):
     return gold
 
 
-_INTEGER = re.compile(r"([+-]?)0*([0-9]+)")  # an integer literal, ASCII digits only: (sign, digits without leading zeros)
+_INTEGER = re.compile(r"([+-]?)([0-9]+)")  # an integer literal, ASCII digits only: (sign, digits)
 MAX_ANSWER_CHARS = 1000  # a longer answer than this (and than 10x the ground truth) is wrong without a parse
 
 

@@ -56,13 +56,9 @@ def cumulative_responses(metrics):
     return out
 
 
-def responses_to_target(runs, target, window):
+def responses_to_target(runs, smooth, target):
     """Mean over seeds of the cumulative responses at the first step where the seed-mean trailing
-    training reward reaches `target`; None if it never does."""
-    curves = [[m["acc"] for m in sorted(r["metrics"], key=lambda m: m["step"])] for r in runs]
-    n = min(map(len, curves))
-    mean_curve = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-    smooth = experiments.trailing_mean(mean_curve, window)
+    training reward `smooth` (experiments.compare_table's) reaches `target`; None if it never does."""
     hit = next((i for i, v in enumerate(smooth) if v >= target), None)
     if hit is None:
         return None
@@ -77,14 +73,14 @@ def regime_rows(folder, ref, window):
     n_ref = len(runs[ref])
     runs = {arm: rs for arm, rs in runs.items() if len(rs) == n_ref}  # only arms with every seed of the reference
     table, target = experiments.compare_table(runs, ref, window)
-    ref_resp = responses_to_target(runs[ref], target, window)
+    ref_resp = responses_to_target(runs[ref], table[ref]["smooth"], target)
     rows = {}
     for arm, rs in runs.items():
         t = table[arm]
         d_s = [r["summary"]["acc_after"] - r["summary"]["acc_before"] for r in rs]
         d_g = [r["summary"]["greedy_after"] - r["summary"]["greedy_before"] for r in rs]
         d_ref = [r["summary"]["acc_after"] - r["summary"]["acc_before"] for r in runs[ref]]
-        resp = responses_to_target(rs, target, window)
+        resp = responses_to_target(rs, t["smooth"], target)
 
         def metric(key, steps=None):
             vals = [m[key] for r in rs for m in sorted(r["metrics"], key=lambda m: m["step"])[:steps]
@@ -101,12 +97,10 @@ def regime_rows(folder, ref, window):
             "blame_right_mc": metric("blame_right_mc"), "step_f1": t["step_f1"], "step_auroc": t["step_auroc"],
             "curve": t["smooth"], "responses": [statistics.mean(c) for c in zip(*[cumulative_responses(r["metrics"]) for r in rs])],
         }
-    bound = next((a for a in ("mc-value",) if a in rows), None)
-    for arm in ("prime",):
-        if bound and arm in rows:
-            gain_bound = rows[bound]["delta_sampled"][0] - rows[ref]["delta_sampled"][0]
-            gain_arm = rows[arm]["delta_sampled"][0] - rows[ref]["delta_sampled"][0]
-            rows[arm]["share_of_bound"] = gain_arm / gain_bound if abs(gain_bound) > 1e-9 else None
+    if "mc-value" in rows and "prime" in rows:  # PRIME's share of the bound's held-out gain over the reference
+        gain_bound = rows["mc-value"]["delta_sampled"][0] - rows[ref]["delta_sampled"][0]
+        gain_prime = rows["prime"]["delta_sampled"][0] - rows[ref]["delta_sampled"][0]
+        rows["prime"]["share_of_bound"] = gain_prime / gain_bound if abs(gain_bound) > 1e-9 else None
     return rows, target
 
 
