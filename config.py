@@ -77,6 +77,7 @@ class Config:
     filter_high: float = 0.8  # ... and its accuracy <= filter_high (paper §3.3: 0.8)
     max_rollout_rounds: int = 8  # rounds of generation per step to fill P kept prompts
     merged_rollout: bool = True  # sample from a copy of the base with the policy adapter merged in (same π_θ up to rounding, 21% faster generate() on the CPU; one more copy of the base in memory)
+    decode: str = "static"  # the sampler: static (our decode loop on a preallocated KV cache, decode.py: the same tokens as transformers' generate, several times faster on the CPU; BENCHMARKS.md) | hf (transformers' generate). A model the loop does not know uses generate either way
     gen_batch: int = 0  # sequences per generate() call (0 = all P*K at once): bounds the KV cache whatever P*K is
     # implicit PRM (paper §3.1, §4.1; ALGORITHM.md §2-3)
     reward_mode: str = "prime"  # prime | outcome (the paper's RLOO-with-outcome-only baseline) | oracle (process rewards from the embedded task's step labels instead of a PRM: what perfect process rewards buy; docs/EXPERIMENTS.md) | mc-value (no PRM: each step's advantage is the change of the policy's Monte-Carlo chance of finishing right, VinePPO, arXiv 2410.01679; embedded task; ALGORITHM.md §12)
@@ -139,6 +140,7 @@ CHOICES = {
     "loss_agg": ("seq-mean-token-mean", "token-mean"),
     "preset": ("tiny", "smollm2-135m", "qwen2.5-0.5b", "qwen2.5-math-7b"),
     "sandbox": ("bwrap", "rlimit"),
+    "decode": ("static", "hf"),
 }
 
 
@@ -206,7 +208,7 @@ FLAG_GROUPS = (
       "sft_init")),
     ("rollout and filter", "Algorithm 1 blocks 1-3: P prompts x K samples a step, kept when their accuracy is in the band",
      ("steps", "P", "K", "temperature", "max_new_tokens", "filter_low", "filter_high", "max_rollout_rounds",
-      "merged_rollout", "gen_batch")),
+      "merged_rollout", "decode", "gen_batch")),
     ("implicit PRM", "blocks 4-5: the process rewards r_φ = β log π_φ/π_ref and the PRM's cross-entropy update",
      ("reward_mode", "oracle_form", "mc_samples", "beta", "prm_update", "prm_init", "ref_type", "prm_lora_r", "lr_prm",
       "prm_minibatches", "prm_grad_clip", "prm_warmup", "prm_gate")),

@@ -52,7 +52,7 @@ def evaluate(model, tok, rows, cfg, device, greedy, desc, with_se=False, reasons
             chunk = [t for t in texts[i:i + bs] for _ in range(n)]
             ids, am = encode_prompts(tok, chunk, device)
             resp, mask = generate(model, tok, ids, am, cfg.max_new_tokens, 1.0, greedy=greedy,
-                                  merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
+                                  merged=cfg.merged_rollout, batch_size=cfg.gen_batch, decode=cfg.decode)
             outs = decode_responses(tok, resp, mask)
             s, why = verify_batch(rows[i:i + bs], outs, n, cfg.verify_workers, cfg.sandbox)
             scores.append(s)
@@ -91,7 +91,7 @@ def prm_scored_samples(model, tok, rows, cfg, device):
     model.set_adapter("policy")
     with seeded(cfg.eval_seed):
         resp, mask = generate(model, tok, p_ids, p_mask, cfg.max_new_tokens, cfg.temperature,
-                              merged=cfg.merged_rollout, batch_size=cfg.gen_batch)
+                              merged=cfg.merged_rollout, batch_size=cfg.gen_batch, decode=cfg.decode)
     outs = decode_responses(tok, resp, mask)
     r_o, _ = verify_batch(rows, outs, cfg.K, cfg.verify_workers, cfg.sandbox)
     batch = Rollout(p_ids, p_mask, resp, mask, r_o, rows, outs)

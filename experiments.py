@@ -330,7 +330,8 @@ def compare_plot(results, table, ref, target, window, path):
 # Settings that change how a run executes or logs, not what it computes: a run folder made with
 # other values of these is still reused.
 NOT_COMPARED = ("resume", "run_name", "out_dir", "threads", "device", "show_progress", "save_every", "tensorboard",
-                "wandb_project", "verify_workers", "retrain_sft", "gpu_memory_gb")
+                "wandb_project", "verify_workers", "retrain_sft", "gpu_memory_gb",
+                "decode")  # decode: the same tokens either way (tests/test_decode.py); only the speed differs
 
 
 def same_sft_init(old, now):

@@ -122,7 +122,7 @@ def estimate_values(model, tok, batch, states, cfg, verify=None):
                                                        tok.pad_token_id):
         t = time.time()
         cont, cmask = sampling.generate(model, tok, ids, am, int(budget.max()), cfg.temperature,
-                                        merged=cfg.merged_rollout)  # (n, T'), (n, T')
+                                        merged=cfg.merged_rollout, decode=cfg.decode)  # (n, T'), (n, T')
         t_gen += time.time() - t
         cmask = cmask * (torch.arange(cont.shape[1], device=cont.device) < budget.view(-1, 1))  # (n, T') each row's own limit
         n_tok += int(cmask.sum())

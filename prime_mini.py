@@ -129,7 +129,7 @@ def collect(model, tok, cfg, train_rows, stream, buffer, device):
         a, b = parallel.share(n)  # this rank's prompts (all of them in one process)
         t = time.time()
         resp, mask = (generate(model, tok, p_ids[a * K:b * K], p_mask[a * K:b * K], cfg.max_new_tokens, cfg.temperature,
-                               merged=cfg.merged_rollout, batch_size=cfg.gen_batch) if b > a else
+                               merged=cfg.merged_rollout, batch_size=cfg.gen_batch, decode=cfg.decode) if b > a else
                       (p_ids.new_zeros((0, 0)), torch.zeros((0, 0), device=device)))
         t_gen += time.time() - t
         t = time.time()

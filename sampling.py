@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import decoding
 import models
 
 def encode_prompts(tok, texts, device):
@@ -82,17 +83,25 @@ def merged_copy(model):
 
 
 @torch.no_grad()
-def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy=False, merged=True, batch_size=0):
+def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy=False, merged=True, batch_size=0,
+             decode="static"):
     """Sample responses with the KV cache, `batch_size` rows at a time (0 = all at once), so the
     cache's size does not grow with the rollout. Returns response ids (B, T) and their mask (B, T).
-    `merged`: sample from merged_copy(model), the same policy without LoRA's per-token overhead."""
+    `merged`: sample from merged_copy(model), the same policy without LoRA's per-token overhead.
+    `decode`: "static" samples with our decode loop (decoding.py: the same tokens as transformers'
+    generate, faster) when it knows the model, else (and with "hf") with transformers' generate."""
     models.set_train_mode(model, False)  # no checkpointing while generating: it would drop the cache
     sampler = merged_copy(model) if merged else model
     eos = end_tokens(model, tok)  # all of them: one id alone would override the model's own list
+    ours = decode == "static" and static_decoding(sampler)
     resps = []
     n = batch_size or prompt_ids.shape[0]
     for i in range(0, prompt_ids.shape[0], n):
         ids, am = prompt_ids[i:i + n], prompt_mask[i:i + n]  # (n, Tp)
+        if ours:
+            resps.append(decoding.sample(sampler, ids, am, max_new_tokens, temperature, greedy, eos, tok.pad_token_id,
+                                         prompt_groups(ids, am)))
+            continue
         out = sampler.generate(input_ids=ids, attention_mask=am, past_key_values=shared_prefill(sampler, ids, am),
                                max_new_tokens=max_new_tokens, do_sample=not greedy,
                                temperature=temperature if not greedy else None, top_k=0 if not greedy else None,
@@ -101,6 +110,21 @@ def generate(model, tok, prompt_ids, prompt_mask, max_new_tokens, temperature, g
         resps.append(out[:, prompt_ids.shape[1]:])  # (n, T_i)
     resp = pad_cat(resps, left=False, value=tok.pad_token_id)  # (B, T)
     return resp, response_mask(resp, eos)
+
+
+_SAID = set()  # the reasons already printed by static_decoding
+_WHY = weakref.WeakKeyDictionary()  # model -> decoding.unsupported(model), found once
+
+
+def static_decoding(net):
+    """Whether our decode loop can sample from `net`; when not, say why once per reason."""
+    why = _WHY.get(net)
+    if why is None:
+        why = _WHY[net] = decoding.unsupported(net)
+    if why and why not in _SAID:
+        _SAID.add(why)
+        print(f"--decode static: sampling with transformers' generate instead, because of {why}")
+    return not why
 
 
 def shared_prefill(net, prompt_ids, prompt_mask):

@@ -165,7 +165,8 @@ def test_shared_prefill_generates_what_each_row_whole_generates(tok, greedy):
         with mock.patch.object(sampling, "shared_prefill", sampling.shared_prefill if share else (lambda *a: None)):
             for batch_size in (0, 3):
                 torch.manual_seed(7)
-                outs.append(sampling.generate(model, tok, ids, am, 12, 1.0, greedy=greedy, batch_size=batch_size))
+                outs.append(sampling.generate(model, tok, ids, am, 12, 1.0, greedy=greedy, batch_size=batch_size,
+                                                decode="hf"))  # (our loop has its own prefill: test_decode.py)
     for (r1, m1), (r2, m2) in zip(outs[:2], outs[2:]):  # shared against whole, at each generation batch size
         assert torch.equal(r1, r2) and torch.equal(m1, m2)
     if greedy:  # (sampled rows in batches of 3 draw their random numbers in another order)
