@@ -309,6 +309,8 @@ def main(argv=None):
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rollout"]:
+        return rollout_main(argv[1:])
     pm_argv = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
@@ -423,6 +425,160 @@ def ratio_table(results, smollm2=False, per_repeat=()):
     head = "| figure | median | fastest step | CPU time |" + (
         f" per repeat: median (range) of {len(per_repeat)} |" if repeats else "") + " goal |"
     return "\n".join([head, "|" + "---|" * (head.count("|") - 1)] + rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# `python bench.py rollout`: our decode loop against transformers' generate (decoding.py)
+# ---------------------------------------------------------------------------------------------
+def seed_sft_cache(out_dir):
+    """Copy the SFT models kept in the repository (results/sft/<key>, the sweep's curriculum) into
+    OUT_DIR/sft when they are not there, so that the chain lengths' models are found, not retrained
+    (the 16-step one takes about an hour on one core)."""
+    import shutil
+    kept = os.path.join(HERE, "results", "sft")
+    for key in sorted(os.listdir(kept)) if os.path.isdir(kept) else []:
+        src, dst = os.path.join(kept, key), os.path.join(out_dir, "sft", key)
+        if os.path.exists(os.path.join(src, "done")) and not os.path.exists(dst):
+            shutil.copytree(src, dst)
+
+
+def rollout_setting(n_ops, args):
+    """(flags of a run of this chain length, its config, its SFT model's folder). The default task
+    for 4 steps; longer chains as `sweep` runs them (P 16, 200 held-out prompts x 4 samples), their
+    SFT models by the sweep's curriculum 4 -> --via -> n_ops (experiments.chain_sft)."""
+    from config import parse_config
+    from experiments import chain_sft
+    from sft import sft_warmup
+    if n_ops == 4:
+        flags = []
+        path = sft_warmup(parse_config(["--out-dir", args.out_dir]), "cpu")
+    else:
+        via = [v for v in args.via if v < n_ops]
+        flags, path = chain_sft(via + [n_ops], 0, [], args.out_dir)[n_ops]
+        flags = flags + ["--P", "16", "--eval-n", "200", "--eval-samples", "4"]
+    cfg = parse_config(flags + ["--out-dir", args.out_dir, "--no-show-progress"])
+    return flags, cfg, path
+
+
+def time_rollouts(base, tok, cfg, threads, repeats, eval_rows):
+    """Per repeat: seconds and valid tokens of one rollout's generate call (P·K rows of the first
+    P training prompts) with --decode hf and static, in alternating order, from the same seed;
+    whether the two gave the same tokens; and (eval_rows) the seconds of the evaluation's sampled
+    pass with each."""
+    import torch
+    import sampling
+    from evaluation import evaluate
+    from tasks import load_rows, prompt_text
+    torch.set_num_threads(threads)
+    rows = load_rows(cfg.data)[:cfg.P]
+    texts = [prompt_text(tok, r["prompt"], r.get("ability")) for r in rows for _ in range(cfg.K)]
+    ids, am = sampling.encode_prompts(tok, texts, "cpu")
+    out = []
+    sampling.generate(base, tok, ids[:4], am[:4], 4, 1.0, decode="hf")  # first-call costs out of the timings
+    sampling.generate(base, tok, ids[:4], am[:4], 4, 1.0, decode="static")
+    for r in range(repeats):
+        rep = {}
+        for decode in (("hf", "static") if r % 2 == 0 else ("static", "hf")):
+            torch.manual_seed(r)
+            t = time.perf_counter()
+            resp, mask = sampling.generate(base, tok, ids, am, cfg.max_new_tokens, cfg.temperature, decode=decode)
+            rep[decode] = {"s": time.perf_counter() - t, "tokens": int(mask.sum()), "resp": resp}
+        rep["same"] = torch.equal(rep["hf"]["resp"], rep["static"]["resp"])
+        for decode in ("hf", "static"):
+            del rep[decode]["resp"]
+        out.append(rep)
+    evals = {}
+    for decode in ("hf", "static") if eval_rows else ():
+        cfg.decode = decode
+        t = time.perf_counter()
+        acc = evaluate(base, tok, eval_rows, cfg, "cpu", False, "eval (sampled)")
+        evals[decode] = {"s": time.perf_counter() - t, "acc": acc}
+    return out, evals
+
+
+def rollout_tables(res):
+    """Markdown tables of `rollout_main`'s results: rollout speed, the evaluation's sampled pass,
+    and the share of an RL step spent in rollout with each sampler."""
+    med = statistics.median
+    lines = ["| chain steps | threads | rows x new tokens | generate tok/s | our loop tok/s | our loop / generate, "
+             "median (range) of repeats | same tokens |", "|---|---|---|---|---|---|---|"]
+    for r in res["rollout"]:
+        reps = r["repeats"]
+        ratio = [x["hf"]["s"] / x["static"]["s"] for x in reps]
+        tok_s = lambda d: med(x[d]["tokens"] / x[d]["s"] for x in reps)  # noqa: E731
+        lines.append(f"| {r['n_ops']} | {r['threads']} | {r['rows']} x {r['max_new']} | {tok_s('hf'):.0f} | "
+                     f"{tok_s('static'):.0f} | {spread(ratio, '{:.2f}x')} | {sum(x['same'] for x in reps)}/{len(reps)} |")
+    out = "\n".join(lines)
+    if any(r["eval"] for r in res["rollout"]):
+        lines = ["| chain steps | threads | prompts x samples | generate s | our loop s | our loop / generate | "
+                 "accuracy (generate, ours) |", "|---|---|---|---|---|---|---|"]
+        for r in res["rollout"]:
+            e = r["eval"]
+            if e:
+                lines.append(f"| {r['n_ops']} | {r['threads']} | {r['eval_prompts']} x {r['eval_samples']} | "
+                             f"{e['hf']['s']:.1f} | {e['static']['s']:.1f} | {e['hf']['s'] / e['static']['s']:.2f}x | "
+                             f"{e['hf']['acc']:.3f}, {e['static']['acc']:.3f} |")
+        out += "\n\nThe evaluation's sampled pass (one call of evaluate, verification included)\n\n" + "\n".join(lines)
+    if res.get("steps"):
+        lines = ["| chain steps | sampler | step s | rollout s | rollout share of the step |", "|---|---|---|---|---|"]
+        for s in res["steps"]:
+            lines.append(f"| {s['n_ops']} | {s['decode']} | {s['t_step']:.2f} | {s['t_rollout']:.2f} | "
+                         f"{100 * s['t_rollout'] / s['t_step']:.0f}% |")
+        out += ("\n\nAn RL step (outcome-only, median of the measured steps, threads "
+                f"{res['step_threads']}) with each sampler\n\n" + "\n".join(lines))
+    return out
+
+
+def rollout_main(argv):
+    """`python bench.py rollout`: per chain length and thread count, one rollout's generate call
+    timed with transformers' generate and with our decode loop on the same prompts and seed
+    (tok/s, the ratio per repeat, whether the tokens were the same), the evaluation's sampled
+    pass with each, and the share of an outcome-only RL step spent in rollout with each."""
+    ap = argparse.ArgumentParser(prog="bench.py rollout", description=rollout_main.__doc__)
+    ap.add_argument("--lengths", default="4,16", help="chain lengths (steps per chain; 4 = the default task)")
+    ap.add_argument("--via", default="8", help="the curriculum's lengths between 4 and a longer chain (as the sweep)")
+    ap.add_argument("--threads", default="1,2", help="torch CPU thread counts")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generate calls per sampler, length and thread count")
+    ap.add_argument("--no-eval", action="store_true", help="skip the evaluation's sampled pass")
+    ap.add_argument("--steps", type=int, default=3, help="measured RL steps per sampler and length (0: skip)")
+    ap.add_argument("--warmup", type=int, default=1, help="RL steps run first and not counted")
+    ap.add_argument("--step-threads", type=int, default=2, help="torch CPU threads of the RL steps")
+    ap.add_argument("--out-dir", default="runs", help="run folder; the SFT models are found or trained under OUT_DIR/sft")
+    ap.add_argument("--json", default="", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        args.via = [int(x) for x in args.via.split(",") if x]
+        threads = [int(x) for x in args.threads.split(",")]
+    except ValueError as e:
+        sys.exit(f"bench.py rollout: --lengths, --via and --threads take comma-separated integers ({e})")
+    if min(lengths) < 1 or min(threads) < 1 or args.repeats < 1:
+        sys.exit("bench.py rollout: lengths, thread counts and --repeats must be at least 1")
+    os.makedirs(args.out_dir, exist_ok=True)
+    seed_sft_cache(args.out_dir)
+    from models import load_base
+    from tasks import load_rows
+    res = {"rollout": [], "steps": [], "step_threads": args.step_threads, "argv": argv}
+    for n in lengths:
+        flags, cfg, path = rollout_setting(n, args)
+        base, tok = load_base(path, "cpu", cfg)
+        eval_rows = [] if args.no_eval else load_rows(cfg.test_data)[:cfg.eval_n]
+        for t in threads:
+            print(f"rollout: {n}-step chains, {t} thread(s)", flush=True)
+            reps, evals = time_rollouts(base, tok, cfg, t, args.repeats, eval_rows)
+            res["rollout"].append({"n_ops": n, "threads": t, "rows": cfg.P * cfg.K, "max_new": cfg.max_new_tokens,
+                                   "repeats": reps, "eval": evals, "eval_prompts": len(eval_rows),
+                                   "eval_samples": cfg.eval_samples})
+        for decode in ("hf", "static") if args.steps else ():
+            step_args = argparse.Namespace(steps=args.steps, warmup=args.warmup, threads=args.step_threads,
+                                           out_dir=args.out_dir, trl_keep_freed_memory=False)
+            steps = run_arm("outcome", step_args, flags + ["--decode", decode])["steps"]
+            res["steps"].append({"n_ops": n, "decode": decode, **{k: statistics.median(s[k] for s in steps)
+                                                                  for k in ("t_step", "t_rollout")}})
+    print("\nOne rollout's generate call (P·K rows), our decode loop against transformers' generate\n")
+    print(rollout_tables(res))
+    if args.json:
+        json.dump(res, open(args.json, "w"), indent=1)
 
 
 def _have_trl():

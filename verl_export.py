@@ -16,6 +16,10 @@ takes the flags a run would take (parsed and checked by config.parse_config, so 
                                  data sources)
     run_prime.sh                 the launch: the run's hyperparameters as Hydra overrides of
                                  recipe/prime/config/prime_trainer.yaml, one annotated line each
+    model/                       only when the model is a local folder written by transformers 5
+                                 (the tiny default's SFT model, a converted GGUF): a copy that
+                                 veRL's transformers 4.x reads as the same model (verl_readable),
+                                 which run_prime.sh then loads
 
 What maps to what, what does not carry over, and where the recipe computes something else for the
 same setting is in docs/SCALING.md, read against veRL's code at tag v0.6.1 (commit d62da49); veRL
@@ -31,7 +35,8 @@ default's) gets `<bos>` + the user turn(s) as they are: its rows hold one user m
 exactly that text, and run_prime.sh hands RLHFDataset a template (PLAIN_CHAT_TEMPLATE) that
 renders `<bos>` + that message, the same string the run tokenizes.
 
-It must not touch: models or weights (it loads a tokenizer, to drop long prompts as the run does).
+It must not touch: models or weights (it loads a tokenizer, to drop long prompts as the run does;
+model/ copies the files, rewriting two small JSON files).
 """
 import argparse
 import json
@@ -54,6 +59,7 @@ OVERSAMPLE = 4  # recipe/prime's oversample_factor (prime_trainer.yaml and run_p
 # default) this one gives the run's `<bos>` + text (jinja's m.content reads the dict key; no quotes
 # in it, for the Hydra override).
 PLAIN_CHAT_TEMPLATE = "{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+MODEL_COPY = "$HERE/model"  # run_prime.sh's path of the export's model/ folder (verl_readable)
 UPDATE = {"single": "after", "double": "before", "none": "none"}  # --prm-update -> reward_model.model.update
 
 
@@ -79,9 +85,11 @@ def export_main(argv):
     test = drop_long_prompts(load_rows(cfg.test_data), tok, cfg.max_prompt_len, cfg.test_data)[: cfg.eval_n or None]
     sizes = batch_sizes(cfg, len(train))
     has_code = any(r["ability"] == "code" for r in train + test)
+    rewrite = transformers4_rewrites(model) if model and os.path.isdir(model) else {}
     files = {"prime_mini_reward.py": reward_module(cfg.sandbox, has_code),
              "prime_mini_main.py": MAIN_MODULE,
-             "run_prime.sh": launch_script(cfg, sizes, plain, model, not_carried_over(cfg), run_flags)}
+             "run_prime.sh": launch_script(cfg, sizes, plain, MODEL_COPY if rewrite else model,
+                                           not_carried_over(cfg), run_flags)}
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -93,6 +101,8 @@ def export_main(argv):
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(text)
         os.chmod(os.path.join(tmp, "run_prime.sh"), 0o755)
+        if rewrite:
+            verl_readable(model, os.path.join(tmp, "model"), rewrite)
         if os.path.isdir(out):
             os.rmdir(out)  # empty (checked above); rename cannot replace it
         os.rename(tmp, out)
@@ -100,7 +110,10 @@ def export_main(argv):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"wrote {args.out}: train.parquet ({len(train)} prompts), test.parquet ({len(test)}), "
-          f"prime_mini_reward.py, prime_mini_main.py, run_prime.sh")
+          f"prime_mini_reward.py, prime_mini_main.py, run_prime.sh" + (", model/" if rewrite else ""))
+    if rewrite:
+        print(f"  model/: a copy of {model} that veRL {VERL_VERSION}'s transformers 4.x reads as the same model "
+              f"({'; '.join(why for _, why in rewrite.values())}); run_prime.sh loads it")
     for line in not_carried_over(cfg):
         print(f"  not carried over: {line}")
     print(f"run it on GPUs with veRL {VERL_VERSION}: VERL_DIR=/path/to/verl N_GPUS=8 bash {args.out}/run_prime.sh "
@@ -214,6 +227,54 @@ def export_tokenizer(cfg, path):
             else f"{path} holds no tokenizer transformers can load"
         raise ConfigError(f"--model {cfg.model}: cannot load its tokenizer ({where}: {str(e).splitlines()[0][:200]}); "
                           "pass a local model folder or a .gguf file") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The model folder: what transformers 4.x (veRL 0.6.1 needs 4.x) reads otherwise than 5 does.
+# ---------------------------------------------------------------------------------------------
+def transformers4_rewrites(folder):
+    """{file name: (its new JSON, why)} for the files of a model folder that transformers 4.x would
+    not read as this project's transformers 5 does; {} when there are none (a folder from the hub).
+      tokenizer_config.json  tokenizer_class "TokenizersBackend" (a transformers 5 class; 4.x stops
+                             with "does not exist") -> "PreTrainedTokenizerFast", which reads the
+                             same tokenizer.json
+      config.json            rope_parameters without rope_theta (5's layout): 4.x ignores it and
+                             silently uses its default base 10000 (SmolLM2's is 100000) -> also
+                             rope_theta, and rope_scaling for a rope type other than the default
+    """
+    out = {}
+    path = os.path.join(folder, "tokenizer_config.json")
+    tok = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
+    if tok.get("tokenizer_class") == "TokenizersBackend":
+        tok = {k: v for k, v in tok.items() if k != "backend"}
+        out["tokenizer_config.json"] = ({**tok, "tokenizer_class": "PreTrainedTokenizerFast"},
+                                        "tokenizer_class TokenizersBackend -> PreTrainedTokenizerFast")
+    path = os.path.join(folder, "config.json")
+    cfg = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in cfg:
+        new = {**cfg, "rope_theta": rope["rope_theta"]}
+        extra = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if extra.get("rope_type", "default") != "default":
+            new["rope_scaling"] = extra
+        out["config.json"] = (new, f"rope_theta {rope['rope_theta']:g} written where 4.x reads it")
+    return out
+
+
+def verl_readable(src, dst, rewrite):
+    """Copy the model folder `src` to `dst` (hard links where the file system allows, the weights
+    of a 7B model are 15 GB), writing the files of `rewrite` (transformers4_rewrites) anew."""
+    os.makedirs(dst)
+    for name in sorted(os.listdir(src)):
+        if name in rewrite or name == "done" or name.endswith(".lock") or not os.path.isfile(os.path.join(src, name)):
+            continue
+        try:
+            os.link(os.path.join(src, name), os.path.join(dst, name))
+        except OSError:
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    for name, (content, _) in rewrite.items():
+        with open(os.path.join(dst, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +530,7 @@ HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 PYTHON="${{PYTHON:-python3}}"
 N_GPUS="${{N_GPUS:-1}}"
 MICRO_BATCH_PER_GPU="${{MICRO_BATCH_PER_GPU:-1}}"
-DEFAULT_MODEL_PATH={shlex.quote(model)}
+DEFAULT_MODEL_PATH={'"' + MODEL_COPY + '"' if model == MODEL_COPY else shlex.quote(model)}
 MODEL_PATH="${{MODEL_PATH:-$DEFAULT_MODEL_PATH}}"
 if [ -z "$MODEL_PATH" ]; then
     echo "run_prime.sh: set MODEL_PATH to the SFT model (no tiny-default SFT model was built when this was exported)" >&2

@@ -286,8 +286,19 @@ def test_smollm2_preset_exports_offline_through_the_wheel_a_run_uses(smollm2_ggu
                                    "--test-data", head("data/add_test.jsonl", 5, tmp_path / "test.jsonl")])
     folder = models.local_model(SMOLLM2)  # what a run of the preset loads here
     assert folder != SMOLLM2 and os.path.isdir(folder)
-    assert default_model_path(out) == os.path.abspath(folder)
-    assert f"--model {SMOLLM2}: run_prime.sh will load {os.path.abspath(folder)}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"--model {SMOLLM2}: run_prime.sh will load {os.path.abspath(folder)}" in said
+    # transformers 5 wrote that folder: the launch loads the export's copy that 4.x reads alike
+    assert default_model_path(out) == '"$HERE/model"' and f"model/: a copy of {os.path.abspath(folder)}" in said
+    copy = os.path.join(out, "model")
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert os.path.samefile(os.path.join(copy, name), os.path.join(folder, name)) or \
+            open(os.path.join(copy, name), "rb").read() == open(os.path.join(folder, name), "rb").read()
+    assert json.load(open(os.path.join(copy, "config.json")))["rope_theta"] == 100000.0, "SmolLM2's rotary base"
+    assert json.load(open(os.path.join(copy, "tokenizer_config.json")))["tokenizer_class"] == "PreTrainedTokenizerFast"
+    proc, launch = run_script(out, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert set_keys(launch["argv"])["actor_rollout_ref.model.path"] == f"'{copy}'"  # Hydra's quotes
 
 
 def test_a_gguf_model_exports_its_converted_folder(smollm2_gguf, tmp_path, monkeypatch):
@@ -295,8 +306,41 @@ def test_a_gguf_model_exports_its_converted_folder(smollm2_gguf, tmp_path, monke
     out = verl_export.export_main(["--out", str(tmp_path / "out"), "--model", smollm2_gguf, "--P", "4",
                                    "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl"),
                                    "--test-data", head("data/add_test.jsonl", 5, tmp_path / "test.jsonl")])
-    assert default_model_path(out) == os.path.abspath(models.convert_gguf(smollm2_gguf))
-    assert json.load(open(os.path.join(default_model_path(out), "config.json")))["model_type"] == "llama"
+    converted = os.path.abspath(models.convert_gguf(smollm2_gguf))
+    assert default_model_path(out) == '"$HERE/model"'
+    copied = json.load(open(os.path.join(out, "model", "config.json")))
+    assert copied == {**json.load(open(os.path.join(converted, "config.json"))), "rope_theta": 100000.0}
+
+
+def test_transformers4_rewrites_by_hand(tmp_path):
+    """What 4.x reads otherwise: the tokenizer class and the rotary base; nothing for a hub-style folder."""
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"backend": "tokenizers", "tokenizer_class": "TokenizersBackend", "eos_token": "<eos>"}))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "qwen2", "rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}}))
+    got = verl_export.transformers4_rewrites(str(tmp_path))
+    assert got["tokenizer_config.json"][0] == {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}
+    assert got["config.json"][0] == {"model_type": "qwen2", "rope_theta": 1e6, "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+                                     "rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "rope_theta": 1e6}))
+    assert verl_export.transformers4_rewrites(str(tmp_path)) == {}, "as the hub ships it: loaded where it is"
+
+
+def test_a_hub_style_folder_is_loaded_where_it_is(tmp_path):
+    from transformers import Qwen2Config
+    model = tmp_path / "model"
+    tok = models.build_chat_tokenizer([tasks.SYSTEM_PROMPT, "What is 12 + 25?"] * 5)
+    tok.save_pretrained(model)
+    Qwen2Config(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(model)
+    for name, key, value in (("tokenizer_config.json", "tokenizer_class", "Qwen2TokenizerFast"),
+                             ("config.json", "rope_theta", 10000.0)):
+        d = json.load(open(model / name))
+        json.dump({**d, key: value}, open(model / name, "w"))
+    out = verl_export.export_main(["--out", str(tmp_path / "out"), "--model", str(model), "--P", "4",
+                                   "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl"),
+                                   "--test-data", head("data/add_test.jsonl", 5, tmp_path / "test.jsonl")])
+    assert default_model_path(out) == str(model) and not os.path.exists(os.path.join(out, "model"))
 
 
 def test_a_model_whose_tokenizer_cannot_load_is_a_named_error_not_a_traceback(tmp_path, capsys):

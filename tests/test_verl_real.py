@@ -39,7 +39,8 @@ def test_verl_loads_the_export_and_scores_with_its_reward_function(tmp_path):
     model = tmp_path / "model"
     tok = models.build_chat_tokenizer([tasks.SYSTEM_PROMPT, tasks.TASK_SUFFIX["math"], "What is 12 + 25?"] * 5)
     tok.save_pretrained(model)
-    Qwen2Config(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(model)
+    Qwen2Config(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                rope_parameters={"rope_theta": 123456.0, "rope_type": "default"}).save_pretrained(model)
     data = head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl")
     out = verl_export.export_main(["--out", str(tmp_path / "out"), "--model", str(model), "--data", data,
                                    "--test-data", head("data/add_test.jsonl", 5, tmp_path / "t.jsonl"), "--P", "4"])
@@ -52,9 +53,11 @@ def test_verl_loads_the_export_and_scores_with_its_reward_function(tmp_path):
     assert got.returncode == 0, got.stderr[-3000:]
     found = json.loads(got.stdout.strip().splitlines()[-1])
     assert found["n_rows"] == len(rows)
-    # Known and not fixed (docs/SCALING.md): veRL 0.6.1 needs transformers 4.x, which cannot read the
-    # tokenizer_class "TokenizersBackend" that this project's transformers 5 writes into model folders.
-    assert found["auto_tokenizer"] in ("ok", "Tokenizer class TokenizersBackend does not exist or is not currently imported."), found
+    # veRL 0.6.1 needs transformers 4.x, which cannot read the tokenizer_class "TokenizersBackend" that
+    # this project's transformers 5 writes, and reads 5's rope_parameters as the default base 10000:
+    # the export's model/ copy (verl_export.verl_readable) is what the launch loads, and 4.x reads it alike.
+    assert found["loaded_from"] == os.path.join(out, "model")
+    assert found["auto_tokenizer"] == "ok" and found["rope_theta"] == 123456.0, found
     ours = [tasks.prompt_text(tok, r["prompt"], r.get("ability")) for r in rows]  # what a run feeds the model
     assert found["prompts"] == ours, (found["prompts"][0], ours[0])
     assert found["scores"] == [1.0, 0.0, 0.0], found

@@ -2,6 +2,8 @@
 venv): veRL's own code on an export-verl folder. Prints one JSON object of what it found.
 
 Usage: python verl_checks.py OUT_DIR MODEL_DIR EXPECTED.json
+  - MODEL_DIR as run_prime.sh loads it: OUT_DIR/model when the export wrote that copy; the
+    tokenizer through AutoTokenizer and the config through AutoConfig, as veRL loads them;
   - veRL's RLHFDataset loads OUT_DIR/train.parquet with the model's tokenizer and its chat
     template; the prompt ids it makes are returned, decoded, for the test to compare with the
     text this project's run feeds the model (tasks.prompt_text);
@@ -14,14 +16,17 @@ import sys
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 from verl import DataProto
 from verl.trainer.ppo.reward import get_custom_reward_fn
 from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.reward_manager.prime import PrimeRewardManager
 
+import os
+
 out, model, expected = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
+model = os.path.join(out, "model") if os.path.isdir(os.path.join(out, "model")) else model  # run_prime.sh's rule
 try:  # what veRL's hf_tokenizer does
     tok, auto = AutoTokenizer.from_pretrained(model), "ok"
 except ValueError as e:  # a folder written by transformers 5 names TokenizersBackend, which 4.x lacks
@@ -50,6 +55,7 @@ data = DataProto.from_dict(tensors={"prompts": prompt_ids, "responses": response
                                         "reward_model": np.array([r["reward_model"] for r in rows], dtype=object),
                                         "extra_info": np.array([r.get("extra_info") for r in rows], dtype=object)})
 reward = PrimeRewardManager(tokenizer=tok, num_examine=0, compute_score=fn)(data)  # (n, T): the score at the last token
-print(json.dumps({"auto_tokenizer": auto, "n_rows": len(ds), "prompts": prompts, "scores": reward.sum(1).tolist(),
+print(json.dumps({"auto_tokenizer": auto, "rope_theta": AutoConfig.from_pretrained(model).rope_theta,
+                  "loaded_from": model, "n_rows": len(ds), "prompts": prompts, "scores": reward.sum(1).tolist(),
                   "at_last_token": [int(reward[i].nonzero().flatten().tolist()[-1]) if reward[i].any() else -1
                                     for i in range(len(resp))], "lengths": [len(r) for r in resp]}))
