@@ -22,8 +22,9 @@ takes the flags a run would take (parsed and checked by config.parse_config, so 
                                  which run_prime.sh then loads
 
 What maps to what, what does not carry over, and where the recipe computes something else for the
-same setting is in docs/SCALING.md, read against veRL's code at tag v0.6.1 (commit d62da49); veRL
-never ran here. Settings the recipe cannot compute (another advantage estimator, γ < 1, min-form
+same setting is in docs/SCALING.md, read against veRL's code at tag v0.6.1 (commit d62da49); veRL's
+own dataset, reward manager and Hydra config ran on exports here (tests/test_verl_real.py, optional),
+its training never did. Settings the recipe cannot compute (another advantage estimator, γ < 1, min-form
 credit, oracle rewards, a policy reference) stop the export; the extras of this project that it
 has no place for (the LoRA PRM, 4-bit, the PRM warm-up and gate, --prm-init) are named in the
 printed summary and at the top of run_prime.sh.

@@ -62,3 +62,39 @@ def test_verl_loads_the_export_and_scores_with_its_reward_function(tmp_path):
     assert found["prompts"] == ours, (found["prompts"][0], ours[0])
     assert found["scores"] == [1.0, 0.0, 0.0], found
     assert found["at_last_token"][0] == found["lengths"][0] - 1, found
+
+
+VERL_CHECKOUT = os.environ.get("PRIME_MINI_VERL_CHECKOUT", "/work/verl-0.6.1")
+
+
+@pytest.mark.parametrize("flags", [[], ["--faithful"], ["--reward-mode", "outcome", "--K", "8"]],
+                         ids=["tiny", "faithful", "outcome-k8"])
+def test_the_launch_overrides_compose_against_the_recipes_config(tmp_path, flags):
+    """run_prime.sh's Hydra overrides, composed by veRL 0.6.1's Hydra against a v0.6.1 checkout's
+    recipe/prime/config/prime_trainer.yaml (over verl/trainer/config, as the recipe's entry point
+    composes it): no key is unknown, and each reads back as the value the script set. A made-up key
+    makes the same composition stop (the check can fail)."""
+    python = verl_python()
+    if not os.path.exists(os.path.join(VERL_CHECKOUT, "recipe", "prime", "config", "prime_trainer.yaml")):
+        pytest.skip(f"no veRL v0.6.1 checkout with recipe/prime at {VERL_CHECKOUT} (set PRIME_MINI_VERL_CHECKOUT: "
+                    "git clone --branch v0.6.1 https://github.com/volcengine/verl)")
+    from test_verl_export import run_script
+    data = head("data/arith_rl.jsonl", 40, tmp_path / "arith.jsonl")
+    out = verl_export.export_main(["--out", str(tmp_path / "out"), "--data", data, "--test-data",
+                                   head("data/arith_test.jsonl", 10, tmp_path / "t.jsonl"), "--P", "4"] + flags)
+    proc, launch = run_script(out, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    overrides = launch["argv"][1:]  # after prime_mini_main.py
+    assert len(overrides) > 40
+
+    def compose(items):
+        path = tmp_path / "overrides.json"
+        json.dump(items, open(path, "w"))
+        got = subprocess.run([python, os.path.join(HERE, "verl_compose.py"), VERL_CHECKOUT, str(path)],
+                             capture_output=True, text=True, timeout=300)
+        assert got.returncode == 0, got.stderr[-3000:]
+        return json.loads(got.stdout.strip().splitlines()[-1])
+    found = compose(overrides)
+    assert found["ok"] and found["checked"] == len(overrides) and found["differ"] == [], found
+    bad = compose(overrides + ["algorithm.no_such_setting=1"])
+    assert not bad["ok"] and "algorithm.no_such_setting" in bad["error"], bad
