@@ -3,6 +3,7 @@
     python bench.py                      # the table for the default task (BENCHMARKS.md)
     python bench.py --steps 10 --threads 1 --no-trl
     python bench.py --steps 3 --warmup 1 -- --tiny-hidden 32 ...   # flags after -- go to prime_mini
+    python bench.py rollout              # our decode loop against transformers' generate (rollout_main)
 
 Each arm runs in its own subprocess (so each gets its own peak resident memory), runs `warmup`
 RL steps that are not counted and then `steps` that are, and reports per-step medians:

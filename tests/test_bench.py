@@ -125,3 +125,24 @@ def test_the_wrapped_model_calls_are_the_ones_the_loop_and_the_evaluation_make()
         for module, name, fn in replaced:
             setattr(module, name, fn)
     assert prime_mini.generate is originals[0] and sampling.token_logprobs is originals[1]
+
+
+def test_rollout_tables_against_a_hand_computation():
+    rep = lambda hf, ours, same=True: {"hf": {"s": hf, "tokens": 1000}, "static": {"s": ours, "tokens": 1000},  # noqa: E731
+                                       "same": same}
+    res = {"rollout": [{"n_ops": 16, "threads": 1, "rows": 64, "max_new": 208, "eval_prompts": 200, "eval_samples": 4,
+                        "repeats": [rep(2.0, 1.0), rep(3.0, 1.0, False), rep(1.0, 1.0)],
+                        "eval": {"hf": {"s": 30.0, "acc": 0.4}, "static": {"s": 12.0, "acc": 0.4}}}],
+           "steps": [{"n_ops": 16, "decode": "hf", "t_step": 5.0, "t_rollout": 4.0}], "step_threads": 2}
+    out = bench.rollout_tables(res)
+    # tok/s: medians of 1000/2, 1000/3, 1000/1 -> 500 and of 1000/1 x3 -> 1000; ratios 2, 3, 1 -> 2 (1-3)
+    assert "| 16 | 1 | 64 x 208 | 500 | 1000 | 2.00x (1.00x-3.00x) | 2/3 |" in out
+    assert "| 16 | 1 | 200 x 4 | 30.0 | 12.0 | 2.50x | 0.400, 0.400 |" in out
+    assert "| 16 | hf | 5.00 | 4.00 | 80% |" in out and "threads 2" in out
+
+
+def test_rollout_mode_stops_on_bad_lists():
+    with pytest.raises(SystemExit, match="comma-separated integers"):
+        bench.main(["rollout", "--lengths", "4,x"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        bench.main(["rollout", "--threads", "0"])

@@ -171,7 +171,8 @@ def test_values_are_the_mean_outcome_of_the_continuations_cut_at_each_rows_budge
     states, _, _, _ = mc_values.step_states(batch, labelled)  # ends 8, 16, 16
     cont_text = "7;\\boxed{52}"  # 12 characters
 
-    def fake_generate(model, tok_, ids, am, max_new_tokens, temperature, greedy=False, merged=True, batch_size=0):
+    def fake_generate(model, tok_, ids, am, max_new_tokens, temperature, greedy=False, merged=True, batch_size=0,
+                      decode="static"):
         assert max_new_tokens == 20 - 8, "the call's longest budget"
         c = tok_(cont_text, add_special_tokens=False)["input_ids"] + [tok_.eos_token_id]
         resp = torch.tensor([c] * ids.shape[0])
@@ -273,7 +274,7 @@ def scripted_generate(tok):
     k=0 writes the right chain and k=1 a wrong second step, sharing the first step. The MC
     continuations still come from the model (mc_values calls sampling.generate)."""
     def generate(model, tok_, prompt_ids, prompt_mask, max_new_tokens, temperature, greedy=False, merged=True,
-                 batch_size=0):
+                 batch_size=0, decode="static"):
         seqs = []
         for r in range(prompt_ids.shape[0]):
             n = int(tok.decode(prompt_ids[r][prompt_mask[r].bool()], skip_special_tokens=True).split("+")[0])

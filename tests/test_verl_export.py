@@ -276,10 +276,18 @@ def default_model_path(out):
     return line.split("=", 1)[1].strip().strip("'")
 
 
+def hub_offline(monkeypatch):
+    """The hub out of reach at once: huggingface_hub read HF_HUB_OFFLINE when it was imported, so
+    setting the variable now alone would leave from_pretrained retrying the network (~45 s here)."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 def test_smollm2_preset_exports_offline_through_the_wheel_a_run_uses(smollm2_gguf, tmp_path, monkeypatch, capsys):
     """No hub: the export loads the converted folder that a run of the preset loads (models.local_model),
     says so, and the launch script points veRL at it; it never asks the hub for the tokenizer."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_offline(monkeypatch)
     monkeypatch.setattr(models, "hub_reachable", lambda name: False)
     out = verl_export.export_main(["--out", str(tmp_path / "out"), "--preset", "smollm2-135m", "--P", "4",
                                    "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl"),
@@ -302,7 +310,7 @@ def test_smollm2_preset_exports_offline_through_the_wheel_a_run_uses(smollm2_ggu
 
 
 def test_a_gguf_model_exports_its_converted_folder(smollm2_gguf, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_offline(monkeypatch)
     out = verl_export.export_main(["--out", str(tmp_path / "out"), "--model", smollm2_gguf, "--P", "4",
                                    "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl"),
                                    "--test-data", head("data/add_test.jsonl", 5, tmp_path / "test.jsonl")])
@@ -357,7 +365,7 @@ def test_a_model_whose_tokenizer_cannot_load_is_a_named_error_not_a_traceback(tm
 
 
 def test_a_hub_model_with_the_hub_out_of_reach_is_a_named_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_offline(monkeypatch)
     with pytest.raises(SystemExit) as e:
         pm.main(["export-verl", "--out", str(tmp_path / "out"), "--model", "someone/no-such-model", "--P", "4",
                  "--data", head("data/add_rl.jsonl", 20, tmp_path / "add.jsonl")])
