@@ -146,3 +146,38 @@ def test_rollout_mode_stops_on_bad_lists():
         bench.main(["rollout", "--lengths", "4,x"])
     with pytest.raises(SystemExit, match="at least 1"):
         bench.main(["rollout", "--threads", "0"])
+
+
+def _bench_attention():
+    spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(ROOT, "scripts", "bench_attention.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_attention_times_the_same_scores_three_ways_and_the_loops_products():
+    import torch
+    mod = _bench_attention()
+    cases, mb = mod.operations(A=3, h=2, d=4, L=5, capacity=7)
+    assert mb == 3 * 2 * 4 * 5 * 4 / 1e6
+    out = {name: f() for name, f in cases}
+    ways = [v for k, v in out.items() if k.startswith("q·kᵀ")]
+    assert len(ways) == 3 and all(w.shape == (3, 2, 1, 5) for w in ways)
+    for w in ways[1:]:
+        torch.testing.assert_close(w, ways[0])
+    # by hand: row 1, head 0, position 4 of q·kᵀ
+    g = torch.Generator().manual_seed(0)
+    kt = torch.randn(3, 2, 4, 7, generator=g)
+    torch.randn(3, 2, 7, 4, generator=g)
+    q = torch.randn(3, 2, 1, 4, generator=g)
+    assert ways[0][1, 0, 0, 4].item() == pytest.approx(sum(q[1, 0, 0, i].item() * kt[1, 0, i, 4].item() for i in range(4)), rel=1e-5)
+
+
+def test_bench_attention_prints_a_row_per_operation_and_stops_on_a_length_past_the_cache(capsys):
+    mod = _bench_attention()
+    mod.main(["--rows", "2", "--length", "8", "--capacity", "8", "--repeats", "1", "--inner", "1"])
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and not l.startswith("| operation")]
+    assert len(rows) == 5 and all(float(r.split("|")[2]) > 0 for r in rows)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--length", "300"])
+    assert e.value.code == 2 and "--capacity (256)" in capsys.readouterr().err
