@@ -1,14 +1,25 @@
-"""Shared by the tests: the repository on sys.path, the sandbox mode that code tests run in, and
-a bubblewrap that cannot run."""
+"""Shared by the tests: the repository on sys.path, a script of scripts/ loaded as a module, the
+sandbox mode that code tests run in, and a bubblewrap that cannot run."""
+import importlib.util
 import os
 import stat
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import sandbox  # noqa: E402
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # Tests that are not about the sandbox itself score trusted programs (shipped references, honest
 # answers): under bubblewrap where it runs, else in the weaker rlimit mode. The header says which.

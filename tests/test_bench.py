@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import bench
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,16 +149,9 @@ def test_rollout_mode_stops_on_bad_lists():
         bench.main(["rollout", "--threads", "0"])
 
 
-def _bench_attention():
-    spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(ROOT, "scripts", "bench_attention.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_attention_times_the_same_scores_three_ways_and_the_loops_products():
     import torch
-    mod = _bench_attention()
+    mod = load_script("bench_attention")
     cases, mb = mod.operations(A=3, h=2, d=4, L=5, capacity=7)
     assert mb == 3 * 2 * 4 * 5 * 4 / 1e6
     out = {name: f() for name, f in cases}
@@ -174,7 +168,7 @@ def test_bench_attention_times_the_same_scores_three_ways_and_the_loops_products
 
 
 def test_bench_attention_prints_a_row_per_operation_and_stops_on_a_length_past_the_cache(capsys):
-    mod = _bench_attention()
+    mod = load_script("bench_attention")
     mod.main(["--rows", "2", "--length", "8", "--capacity", "8", "--repeats", "1", "--inner", "1"])
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and not l.startswith("| operation")]
     assert len(rows) == 5 and all(float(r.split("|")[2]) > 0 for r in rows)

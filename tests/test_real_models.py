@@ -12,6 +12,7 @@ import config
 import models
 import sampling
 import tasks
+from conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def build_chat_checkpoint(path, vocab=512):
@@ -235,14 +236,6 @@ def test_presets_fit_24gb_by_the_planner_and_explicit_flags_win(capsys):
 
 
 # --- scripts/gpu_memory_check.py: what can be checked without a GPU --------------------------
-def load_script(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_gpu_memory_check_runs_one_generation_batch_a_step_with_the_same_planned_peak(tmp_path):
     from transformers import AutoConfig
     check = load_script("gpu_memory_check")
